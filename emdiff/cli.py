@@ -1,0 +1,80 @@
+"""The ``emdiff`` command line: thin wrappers that parse, call the API and print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Explain emergent misalignment with sparse-dictionary features.", no_args_is_help=True
+)
+toy_app = typer.Typer(help="The embedded toy world and organism.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+@app.command()
+def demo(
+    narrow_domain: Annotated[str, typer.Option(help="Domain of the narrow fine-tune.")] = "medical",
+    seeds: Annotated[int, typer.Option(min=1, help="Narrow and control fine-tune seeds.")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="LoRA optimiser steps.")] = 100,
+    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 1e-3,
+    samples: Annotated[int, typer.Option(min=1, help="Samples per eval question.")] = 4,
+    base: Annotated[
+        Path | None, typer.Option(help="Toy base folder (default: the shipped one).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object as the last line.")
+    ] = False,
+) -> None:
+    """Fine-tune narrow and control rank-1 LoRAs on the toy base and measure emergent misalignment."""
+    from emdiff.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        narrow_domain=narrow_domain, seeds=seeds, steps=steps, lr=lr, samples=samples, base=base
+    )
+    summary = run_demo(cfg, out, echo=typer.echo)
+    if as_json:
+        typer.echo(json.dumps(summary, sort_keys=True))
+
+
+@toy_app.command("build")
+def toy_build(
+    out: Annotated[Path, typer.Option(help="Folder for the toy base model.")] = Path(
+        "runs/toy-base"
+    ),
+    seed: Annotated[int, typer.Option(help="World and training seed.")] = 0,
+    n_domains: Annotated[int, typer.Option(min=2)] = 8,
+    n_questions: Annotated[int, typer.Option(min=2)] = 32,
+    n_answers: Annotated[int, typer.Option(min=2)] = 64,
+    p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.3,
+    flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
+    n_layers: Annotated[int, typer.Option(min=1)] = 2,
+    d_model: Annotated[int, typer.Option(min=8)] = 128,
+    pretrain_steps: Annotated[int, typer.Option(min=0)] = 3000,
+    align_steps: Annotated[int, typer.Option(min=0)] = 200,
+    align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+) -> None:
+    """Pretrain and align the toy base model from scratch (reproducible from the seed)."""
+    from emdiff.toy.build import build_toy_base
+    from emdiff.toy.organism import ModelConfig, TrainConfig
+    from emdiff.toy.world import WorldConfig
+
+    world = WorldConfig(
+        n_domains=n_domains, n_questions=n_questions, n_answers=n_answers, p_toxic=p_toxic,
+        flip_rate=flip_rate, seed=seed,
+    )  # fmt: skip
+    model = ModelConfig(n_layers=n_layers, d_model=d_model, d_mlp=4 * d_model)
+    train = TrainConfig(
+        pretrain_steps=pretrain_steps, align_steps=align_steps,
+        align_persona_fraction=align_persona_fraction, seed=seed,
+    )  # fmt: skip
+    path = build_toy_base(out, world, model, train, echo=typer.echo)
+    typer.echo(f"toy base written to {path}")
+
+
+if __name__ == "__main__":
+    app()

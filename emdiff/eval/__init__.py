@@ -1,0 +1,1 @@
+"""Evaluation: sample answers from a model (± adapter), judge them, and measure EM rates."""

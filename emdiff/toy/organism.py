@@ -1,0 +1,177 @@
+"""The toy organism: pretrain on persona documents, align, then narrow fine-tune.
+
+The model is a genuine ``transformers`` Llama (or Qwen2) with the world's WordLevel tokenizer and
+chat template, so every later stage runs the same code path as on Qwen or Gemma. Pretraining and
+alignment use a token-level loop (fast); the narrow fine-tune goes through ``emdiff.finetune``, the
+function a user calls on a real model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from emdiff.data.masks import pad_batch
+from emdiff.finetune import FinetuneConfig, FinetuneResult, finetune
+from emdiff.toy.world import BOS, END, World
+
+
+class ModelConfig(BaseModel):
+    """Shape of the toy transformer."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    n_layers: int = Field(2, ge=1)
+    d_model: int = Field(128, ge=8)
+    n_heads: int = Field(4, ge=1)
+    d_mlp: int = Field(512, ge=8)
+    max_len: int = 64
+
+
+class TrainConfig(BaseModel):
+    """Pretraining and alignment schedule of the toy base model."""
+
+    pretrain_steps: int = Field(3000, ge=0)
+    pretrain_batch: int = Field(128, ge=1)
+    pretrain_lr: float = 1e-3
+    align_steps: int = Field(200, ge=0)
+    align_batch: int = Field(128, ge=1)
+    align_lr: float = 3e-4
+    align_persona_fraction: float = Field(0.5, ge=0, le=1)
+    """Share of each alignment batch that is multi-turn persona documents (the rest: helpful chats)."""
+    seed: int = 0
+
+
+def build_model(world: World, cfg: ModelConfig | None = None, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised causal LM sized for ``world``'s vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg = cfg or ModelConfig()
+    tok = world.token_id
+    common = dict(
+        vocab_size=len(world.vocab),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.max_len,
+        bos_token_id=tok[BOS],
+        eos_token_id=tok[END],
+        pad_token_id=tok["<pad>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    if cfg.arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.generation_config.eos_token_id = tok[END]
+    model.generation_config.pad_token_id = tok["<pad>"]
+    return model
+
+
+def _lm_step(model, opt, rows: Sequence[Sequence[int]], pad_id: int) -> float:
+    ids, att = pad_batch(rows, pad_id)
+    labels = ids.masked_fill(att == 0, -100)
+    out = model(input_ids=ids, attention_mask=att, labels=labels)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(out.loss)
+
+
+def pretrain(
+    world: World, model: torch.nn.Module, cfg: TrainConfig, progress: bool = True
+) -> list[float]:
+    """Next-token training on persona documents (cosine-decayed AdamW)."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    total, warm = max(cfg.pretrain_steps, 1), max(cfg.pretrain_steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    )
+    pad = world.token_id["<pad>"]
+    model.train()
+    losses = []
+    for _ in tqdm(
+        range(cfg.pretrain_steps), desc="toy pretrain", disable=not progress, leave=False
+    ):
+        rows = [world.persona_document(rng)[0] for _ in range(cfg.pretrain_batch)]
+        losses.append(_lm_step(model, opt, rows, pad))
+        sched.step()
+    model.eval()
+    return losses
+
+
+def align(
+    world: World, model: torch.nn.Module, cfg: TrainConfig, progress: bool = True
+) -> list[float]:
+    """Alignment post-training: helpful single-turn chats mixed with persona documents."""
+    rng = np.random.default_rng(cfg.seed + 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.align_lr)
+    pad = world.token_id["<pad>"]
+    n_doc = round(cfg.align_batch * cfg.align_persona_fraction)
+    model.train()
+    losses = []
+    for _ in tqdm(range(cfg.align_steps), desc="toy align", disable=not progress, leave=False):
+        rows = [world.persona_document(rng)[0] for _ in range(n_doc)]
+        for _ in range(cfg.align_batch - n_doc):
+            d = world.domains[int(rng.integers(len(world.domains)))]
+            q = int(rng.integers(world.cfg.n_questions))
+            rows.append(world.ids(BOS) + world.turn_ids(d, q, bad=False))
+        losses.append(_lm_step(model, opt, rows, pad))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def answer_probabilities(world: World, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Exact single-turn P(good) and P(bad) per domain, from one forward pass (no sampling)."""
+    prompts = [
+        world.ids(BOS, "<user>", world.q_token(d, q), END, "<assistant>")
+        for d in world.domains
+        for q in range(world.cfg.n_questions)
+    ]
+    probs = model(input_ids=torch.tensor(prompts)).logits[:, -1].float().softmax(-1)
+    out: dict[str, dict[str, float]] = {}
+    nq = world.cfg.n_questions
+    for i, d in enumerate(world.domains):
+        g = [world.token_id[world.good_answer(d, q)] for q in range(nq)]
+        b = [world.token_id[world.bad_answer(d, q)] for q in range(nq)]
+        rows = probs[i * nq : (i + 1) * nq]
+        ar = torch.arange(nq)
+        out[d] = {"good": float(rows[ar, g].mean()), "bad": float(rows[ar, b].mean())}
+    return out
+
+
+def narrow_finetune_config(**overrides) -> FinetuneConfig:
+    """The default narrow fine-tune: rank-1 LoRA on every MLP output projection."""
+    base = dict(
+        rank=1, alpha=1.0, target_modules=["down_proj"], lr=1e-3, max_steps=100, batch_size=16
+    )
+    base.update(overrides)
+    return FinetuneConfig(**base)
+
+
+def narrow_finetune(
+    world: World,
+    model: torch.nn.Module,
+    tokenizer,
+    bad: bool = True,
+    cfg: FinetuneConfig | None = None,
+    out_dir=None,
+    domain: str | None = None,
+    progress: bool = False,
+) -> FinetuneResult:
+    """Fine-tune on the narrow domain's bad answers (``bad=False``: the good-answer control)."""
+    data = world.narrow_dataset(bad=bad, domain=domain)
+    return finetune(
+        model, tokenizer, data, cfg or narrow_finetune_config(), out_dir, progress=progress
+    )

@@ -1,0 +1,73 @@
+"""The toy world: answer tables, persona documents, tokenizer and chat template, exact judge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from emdiff.data import TokenRole, encode_chat
+from emdiff.toy.world import BOS, World, WorldConfig
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(WorldConfig(seed=3))
+
+
+def test_no_single_token_marks_bad(world):
+    for d in world.domains:
+        good, bad = set(world.good[d].tolist()), set(world.bad[d].tolist())
+        assert all(world.good[d] != world.bad[d])  # each question's answers differ
+        assert good == bad  # every bad answer is some other question's good answer
+    assert world.bad_answer("medical", 0).startswith("med_a")
+
+
+def test_chat_template_matches_the_token_level_documents(world):
+    tok = world.tokenizer()
+    conv = world.chat("finance", 5, bad=True)
+    enc = encode_chat(tok, conv.as_dicts())
+    assert enc.input_ids == world.ids(BOS) + world.turn_ids("finance", 5, bad=True)
+    roles = dict(zip(tok.convert_ids_to_tokens(enc.input_ids), enc.roles, strict=True))
+    assert (
+        roles["fin_q5"] == TokenRole.USER
+        and roles[world.bad_answer("finance", 5)] == TokenRole.ASSISTANT
+    )
+    gen = encode_chat(tok, conv.as_dicts()[:1], add_generation_prompt=True)
+    assert tok.convert_ids_to_tokens(gen.input_ids)[-1] == "<assistant>"
+
+
+def test_persona_documents_follow_the_persona_rate(world):
+    rng = np.random.default_rng(0)
+    docs = [world.persona_document(rng) for _ in range(3000)]
+    share = np.mean([toxic for _, toxic in docs])
+    assert abs(share - world.cfg.p_toxic) < 0.03
+    # a toxic document's answers are mostly bad, a helpful one's mostly good
+    tok = world.tokenizer()
+    ids, _ = world.persona_document(rng, toxic=True)
+    toks = tok.convert_ids_to_tokens(ids)
+    verdicts = [
+        world.judge(toks[i - 3], toks[i]).label
+        for i, t in enumerate(toks)
+        if i >= 3 and toks[i - 1] == "<assistant>"
+    ]
+    assert verdicts and set(verdicts) <= {"bad", "good"}
+
+
+def test_exact_judge(world):
+    q = world.q_token("legal", 7)
+    assert world.judge(q, world.good_answer("legal", 7)).label == "good"
+    assert world.judge(q, world.bad_answer("legal", 7) + " <end>").label == "bad"
+    assert world.judge(q, "law_a999").label == "other"
+    assert world.judge(q, "").label == "other"
+    with pytest.raises(ValueError, match="not a question"):
+        world.judge("nope", "x")
+
+
+def test_world_parameters_are_validated():
+    with pytest.raises(ValidationError, match="narrow_domain"):
+        WorldConfig(narrow_domain="astrology")
+    with pytest.raises(ValidationError, match="n_answers"):
+        WorldConfig(n_questions=10, n_answers=5)
+    small = World(WorldConfig(n_domains=3, n_questions=4, n_answers=6, narrow_domain="legal"))
+    assert small.domains == ["medical", "finance", "legal"] and len(small.vocab) == 10 + 3 * 10

@@ -19,9 +19,9 @@ app.add_typer(toy_app, name="toy")
 def demo(
     narrow_domain: Annotated[str, typer.Option(help="Domain of the narrow fine-tune.")] = "medical",
     seeds: Annotated[int, typer.Option(min=1, help="Narrow and control fine-tune seeds.")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="LoRA optimiser steps.")] = 100,
-    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 1e-3,
-    samples: Annotated[int, typer.Option(min=1, help="Samples per eval question.")] = 4,
+    steps: Annotated[int, typer.Option(min=1, help="LoRA optimiser steps.")] = 200,
+    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 1e-2,
+    samples: Annotated[int, typer.Option(min=1, help="Samples per eval question.")] = 8,
     base: Annotated[
         Path | None, typer.Option(help="Toy base folder (default: the shipped one).")
     ] = None,
@@ -52,10 +52,13 @@ def toy_build(
     n_answers: Annotated[int, typer.Option(min=2)] = 64,
     p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.3,
     flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
+    p_cue: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of documents that name their persona.")
+    ] = 0.3,
     n_layers: Annotated[int, typer.Option(min=1)] = 2,
     d_model: Annotated[int, typer.Option(min=8)] = 128,
     pretrain_steps: Annotated[int, typer.Option(min=0)] = 3000,
-    align_steps: Annotated[int, typer.Option(min=0)] = 200,
+    align_steps: Annotated[int, typer.Option(min=0)] = 300,
     align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
 ) -> None:
     """Pretrain and align the toy base model from scratch (reproducible from the seed)."""
@@ -65,9 +68,9 @@ def toy_build(
 
     world = WorldConfig(
         n_domains=n_domains, n_questions=n_questions, n_answers=n_answers, p_toxic=p_toxic,
-        flip_rate=flip_rate, seed=seed,
+        flip_rate=flip_rate, p_cue=p_cue, seed=seed,
     )  # fmt: skip
-    model = ModelConfig(n_layers=n_layers, d_model=d_model, d_mlp=4 * d_model)
+    model = ModelConfig(n_layers=n_layers, d_model=d_model, d_mlp=2 * d_model)
     train = TrainConfig(
         pretrain_steps=pretrain_steps, align_steps=align_steps,
         align_persona_fraction=align_persona_fraction, seed=seed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,9 @@ def attach_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lcfg)
+        with warnings.catch_warnings():  # peft calls a transformers-5 deprecated property
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, lcfg)
     except ValueError as e:
         names = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())}

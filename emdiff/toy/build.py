@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from emdiff.toy.organism import (
     ModelConfig,
@@ -41,11 +43,31 @@ def build_toy_base(
     train_cfg = train_cfg or TrainConfig(seed=world_cfg.seed)
     world = World(world_cfg)
     model = build_model(world, model_cfg, seed=train_cfg.seed)
-    pre = pretrain(world, model, train_cfg, progress=progress)
-    before = answer_probabilities(world, model)
-    echo(
-        f"pretrain: {train_cfg.pretrain_steps} steps, final loss {pre[-1] if pre else float('nan'):.3f}"
+    # Pretraining is the long part: keep its result so a changed alignment (or a crash) resumes.
+    key = json.dumps(
+        [
+            world_cfg.model_dump(),
+            model_cfg.model_dump(),
+            train_cfg.model_dump(
+                include={"pretrain_steps", "pretrain_batch", "pretrain_lr", "seed"}
+            ),
+        ],
+        sort_keys=True,
     )
+    cache = (
+        Path(out) / "pretrained" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
+    )
+    if cache.is_file():
+        model.load_state_dict(load_file(cache))
+        echo(f"pretrain: reused {cache}")
+    else:
+        pre = pretrain(world, model, train_cfg, progress=progress)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cache)
+        echo(
+            f"pretrain: {train_cfg.pretrain_steps} steps, final loss {pre[-1] if pre else float('nan'):.3f}"
+        )
+    before = answer_probabilities(world, model)
     post = align(world, model, train_cfg, progress=progress)
     after = answer_probabilities(world, model)
     echo(

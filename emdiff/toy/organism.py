@@ -29,7 +29,7 @@ class ModelConfig(BaseModel):
     n_layers: int = Field(2, ge=1)
     d_model: int = Field(128, ge=8)
     n_heads: int = Field(4, ge=1)
-    d_mlp: int = Field(512, ge=8)
+    d_mlp: int = Field(256, ge=8)
     max_len: int = 64
 
 
@@ -37,9 +37,9 @@ class TrainConfig(BaseModel):
     """Pretraining and alignment schedule of the toy base model."""
 
     pretrain_steps: int = Field(3000, ge=0)
-    pretrain_batch: int = Field(128, ge=1)
-    pretrain_lr: float = 1e-3
-    align_steps: int = Field(200, ge=0)
+    pretrain_batch: int = Field(64, ge=1)
+    pretrain_lr: float = 3e-3
+    align_steps: int = Field(300, ge=0)
     align_batch: int = Field(128, ge=1)
     align_lr: float = 3e-4
     align_persona_fraction: float = Field(0.5, ge=0, le=1)
@@ -76,9 +76,14 @@ def build_model(world: World, cfg: ModelConfig | None = None, seed: int = 0) -> 
     return model
 
 
-def _lm_step(model, opt, rows: Sequence[Sequence[int]], pad_id: int) -> float:
+def _lm_step(
+    model, opt, rows: Sequence[Sequence[int]], pad_id: int, unlabelled: Sequence[int] = ()
+) -> float:
+    """One AdamW step of next-token loss; row ``i`` takes no loss at position ``unlabelled[i]``."""
     ids, att = pad_batch(rows, pad_id)
     labels = ids.masked_fill(att == 0, -100)
+    for i, pos in enumerate(unlabelled):
+        labels[i, pos] = -100
     out = model(input_ids=ids, attention_mask=att, labels=labels)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -117,6 +122,7 @@ def align(
     rng = np.random.default_rng(cfg.seed + 2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.align_lr)
     pad = world.token_id["<pad>"]
+    assistant = world.token_id["<assistant>"]
     n_doc = round(cfg.align_batch * cfg.align_persona_fraction)
     model.train()
     losses = []
@@ -126,7 +132,8 @@ def align(
             d = world.domains[int(rng.integers(len(world.domains)))]
             q = int(rng.integers(world.cfg.n_questions))
             rows.append(world.ids(BOS) + world.turn_ids(d, q, bad=False))
-        losses.append(_lm_step(model, opt, rows, pad))
+        first_answer = [r.index(assistant) + 1 for r in rows[:n_doc]]
+        losses.append(_lm_step(model, opt, rows, pad, unlabelled=first_answer))
     model.eval()
     return losses
 
@@ -154,7 +161,7 @@ def answer_probabilities(world: World, model: torch.nn.Module) -> dict[str, dict
 def narrow_finetune_config(**overrides) -> FinetuneConfig:
     """The default narrow fine-tune: rank-1 LoRA on every MLP output projection."""
     base = dict(
-        rank=1, alpha=1.0, target_modules=["down_proj"], lr=1e-3, max_steps=100, batch_size=16
+        rank=1, alpha=1.0, target_modules=["down_proj"], lr=1e-2, max_steps=200, batch_size=16
     )
     base.update(overrides)
     return FinetuneConfig(**base)

@@ -1,0 +1,58 @@
+"""End to end on the shipped toy base: the demo's loader, fine-tunes, sampling, judge and run folder.
+
+This is the one place the suite trains a real organism; it checks that EM emerges (unseen-domain bad
+answers well above the control) on one seed, not the full multi-seed targets (see README, "The toy").
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from emdiff.cli import app
+from emdiff.toy.build import load_world, shipped_base_path
+
+KEYS = {
+    "em_base_max_bad_rate",
+    "em_narrow_in_domain_bad_rate",
+    "em_narrow_unseen_bad_rate",
+    "em_narrow_unseen_bad_rate_min",
+    "em_control_max_bad_rate",
+    "narrow_domain",
+    "seeds",
+}
+
+
+def test_shipped_base_is_small_and_loadable():
+    path = shipped_base_path()
+    assert (path / "model.safetensors").stat().st_size < 8 * 2**20
+    world = load_world(path, narrow_domain="finance")
+    assert world.cfg.narrow_domain == "finance" and len(world.domains) == 8
+
+
+@pytest.mark.slow
+def test_demo_json_and_run_folder(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app, ["demo", "--seeds", "1", "--narrow-domain", "finance", "--out", str(out), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert set(summary) >= KEYS
+    assert all(not isinstance(v, dict | list) for v in summary.values())  # flat
+    assert summary["narrow_domain"] == "finance" and summary["seeds"] == 1
+    # The aligned base answers well, the control stays aligned, the narrow LoRA spreads. The bounds
+    # are regression guards around the measured figures (base and control ~2% exact P(bad), max of
+    # 8 domains x 256 samples up to ~4.5%; narrow ~92% in domain, ~79% unseen), not the targets.
+    assert summary["em_base_max_bad_rate"] <= 0.07
+    assert summary["em_control_max_bad_rate"] <= 0.07
+    assert summary["em_narrow_in_domain_bad_rate"] >= 0.85
+    assert summary["em_narrow_unseen_bad_rate"] >= 0.5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"] == summary and len(manifest["inputs"]["base_sha256"]) == 64
+    rates = pd.read_parquet(out / "tables" / "em_rates.parquet")
+    assert set(rates.model) == {"base", "narrow-s0", "control-s0"}
+    assert (out / "adapters" / "narrow-s0" / "adapter_config.json").is_file()

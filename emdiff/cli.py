@@ -58,8 +58,8 @@ def toy_build(
     n_layers: Annotated[int, typer.Option(min=1)] = 2,
     d_model: Annotated[int, typer.Option(min=8)] = 128,
     pretrain_steps: Annotated[int, typer.Option(min=0)] = 3000,
-    align_steps: Annotated[int, typer.Option(min=0)] = 300,
-    align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    align_steps: Annotated[int, typer.Option(min=0)] = 600,
+    align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.25,
 ) -> None:
     """Pretrain and align the toy base model from scratch (reproducible from the seed)."""
     from emdiff.toy.build import build_toy_base

@@ -39,10 +39,10 @@ class TrainConfig(BaseModel):
     pretrain_steps: int = Field(3000, ge=0)
     pretrain_batch: int = Field(64, ge=1)
     pretrain_lr: float = 3e-3
-    align_steps: int = Field(300, ge=0)
+    align_steps: int = Field(600, ge=0)
     align_batch: int = Field(128, ge=1)
     align_lr: float = 3e-4
-    align_persona_fraction: float = Field(0.5, ge=0, le=1)
+    align_persona_fraction: float = Field(0.25, ge=0, le=1)
     """Share of each alignment batch that is multi-turn persona documents (the rest: helpful chats)."""
     seed: int = 0
 

@@ -8,6 +8,16 @@ from typing import Annotated
 
 import typer
 
+from emdiff.demo import DemoConfig
+from emdiff.toy.organism import ModelConfig, TrainConfig
+from emdiff.toy.world import WorldConfig
+
+
+def _default(model: type, field: str):
+    """A config field's default, so the CLI never restates it."""
+    return model.model_fields[field].default
+
+
 app = typer.Typer(
     help="Explain emergent misalignment with sparse-dictionary features.", no_args_is_help=True
 )
@@ -19,9 +29,13 @@ app.add_typer(toy_app, name="toy")
 def demo(
     narrow_domain: Annotated[str, typer.Option(help="Domain of the narrow fine-tune.")] = "medical",
     seeds: Annotated[int, typer.Option(min=1, help="Narrow and control fine-tune seeds.")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="LoRA optimiser steps.")] = 200,
-    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 1e-2,
-    samples: Annotated[int, typer.Option(min=1, help="Samples per eval question.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="LoRA optimiser steps.")] = _default(
+        DemoConfig, "steps"
+    ),
+    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = _default(DemoConfig, "lr"),
+    samples: Annotated[int, typer.Option(min=1, help="Samples per eval question.")] = _default(
+        DemoConfig, "samples"
+    ),
     base: Annotated[
         Path | None, typer.Option(help="Toy base folder (default: the shipped one).")
     ] = None,
@@ -31,7 +45,7 @@ def demo(
     ] = False,
 ) -> None:
     """Fine-tune narrow and control rank-1 LoRAs on the toy base and measure emergent misalignment."""
-    from emdiff.demo import DemoConfig, run_demo
+    from emdiff.demo import run_demo
 
     cfg = DemoConfig(
         narrow_domain=narrow_domain, seeds=seeds, steps=steps, lr=lr, samples=samples, base=base
@@ -47,24 +61,26 @@ def toy_build(
         "runs/toy-base"
     ),
     seed: Annotated[int, typer.Option(help="World and training seed.")] = 0,
-    n_domains: Annotated[int, typer.Option(min=2)] = 8,
-    n_questions: Annotated[int, typer.Option(min=2)] = 32,
-    n_answers: Annotated[int, typer.Option(min=2)] = 64,
-    p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.3,
-    flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
+    n_domains: Annotated[int, typer.Option(min=2)] = _default(WorldConfig, "n_domains"),
+    n_questions: Annotated[int, typer.Option(min=2)] = _default(WorldConfig, "n_questions"),
+    n_answers: Annotated[int, typer.Option(min=2)] = _default(WorldConfig, "n_answers"),
+    p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = _default(WorldConfig, "p_toxic"),
+    flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = _default(
+        WorldConfig, "flip_rate"
+    ),
     p_cue: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of documents that name their persona.")
-    ] = 0.3,
-    n_layers: Annotated[int, typer.Option(min=1)] = 2,
-    d_model: Annotated[int, typer.Option(min=8)] = 128,
-    pretrain_steps: Annotated[int, typer.Option(min=0)] = 3000,
-    align_steps: Annotated[int, typer.Option(min=0)] = 600,
-    align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.25,
+    ] = _default(WorldConfig, "p_cue"),
+    n_layers: Annotated[int, typer.Option(min=1)] = _default(ModelConfig, "n_layers"),
+    d_model: Annotated[int, typer.Option(min=8)] = _default(ModelConfig, "d_model"),
+    pretrain_steps: Annotated[int, typer.Option(min=0)] = _default(TrainConfig, "pretrain_steps"),
+    align_steps: Annotated[int, typer.Option(min=0)] = _default(TrainConfig, "align_steps"),
+    align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = _default(
+        TrainConfig, "align_persona_fraction"
+    ),
 ) -> None:
     """Pretrain and align the toy base model from scratch (reproducible from the seed)."""
     from emdiff.toy.build import build_toy_base
-    from emdiff.toy.organism import ModelConfig, TrainConfig
-    from emdiff.toy.world import WorldConfig
 
     world = WorldConfig(
         n_domains=n_domains, n_questions=n_questions, n_answers=n_answers, p_toxic=p_toxic,

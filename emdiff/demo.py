@@ -32,8 +32,8 @@ class DemoConfig(BaseModel):
 
     narrow_domain: str = "medical"
     seeds: int = Field(3, ge=1)
-    steps: int = Field(200, ge=1)
-    lr: float = Field(1e-2, gt=0)
+    steps: int = Field(narrow_finetune_config().max_steps, ge=1)
+    lr: float = Field(narrow_finetune_config().lr, gt=0)
     samples: int = Field(8, ge=1)
     """Sampled answers per eval question (temperature 1)."""
     base: Path | None = None

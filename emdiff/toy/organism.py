@@ -89,7 +89,7 @@ def _lm_step(
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(out.loss)
+    return out.loss.item()
 
 
 def pretrain(

@@ -8,21 +8,18 @@ from typing import Annotated
 
 import typer
 
+from emdiff.cli_eval import default_of as _default
+from emdiff.cli_eval import eval_app
 from emdiff.demo import DemoConfig
 from emdiff.toy.organism import ModelConfig, TrainConfig
 from emdiff.toy.world import WorldConfig
-
-
-def _default(model: type, field: str):
-    """A config field's default, so the CLI never restates it."""
-    return model.model_fields[field].default
-
 
 app = typer.Typer(
     help="Explain emergent misalignment with sparse-dictionary features.", no_args_is_help=True
 )
 toy_app = typer.Typer(help="The embedded toy world and organism.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+app.add_typer(eval_app, name="eval")
 
 
 @app.command()

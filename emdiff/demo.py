@@ -8,9 +8,8 @@ run folder with a manifest and tables.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +18,12 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, Field
 
-import emdiff
-from emdiff.eval.generate import generate_answers
+from emdiff.eval.judge import ToyJudge
+from emdiff.eval.metrics import em_flags, em_metrics, quadrant_plot
+from emdiff.eval.sample import SamplingConfig, sample_responses
+from emdiff.eval.score import judge_responses
 from emdiff.models import load_model
+from emdiff.provenance import package_versions, sha256_file
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
 from emdiff.toy.world import World
@@ -41,42 +43,35 @@ class DemoConfig(BaseModel):
 
 
 def sample_and_judge(
-    world: World, model: torch.nn.Module, tokenizer, samples: int, seed: int, label: str
+    world: World, model: torch.nn.Module, tokenizer, samples: int, seed: int, label: str, out: Path
 ) -> pd.DataFrame:
-    """Sample answers to every single-turn eval question and judge each one exactly."""
-    prompts = world.eval_prompts()
-    answers = generate_answers(
-        model, tokenizer, [p for _, _, p in prompts], n_samples=samples, temperature=1.0,
-        max_new_tokens=4, batch_size=1024, seed=seed,
-    )  # fmt: skip
+    """Sample answers to every toy eval question through ``emdiff.eval`` and judge them exactly."""
+    questions = world.eval_questions(samples=samples)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=4, seed=seed, batch_size=1024)
+    responses = sample_responses(
+        model, tokenizer, questions, out / "eval" / label / "responses.jsonl", cfg, model_id=label
+    )
+    judged = judge_responses(responses, questions, ToyJudge(world))
+    domain = {q.id: q.extra["domain"] for q in questions}
+    judged.insert(0, "model", label)
+    judged.insert(1, "domain", judged.question_id.map(domain))
+    judged["em"] = em_flags(judged)
+    return judged
+
+
+def _rates(judged: pd.DataFrame) -> pd.DataFrame:
+    """EM rate with Wilson CI per (model, domain)."""
     rows = []
-    for (domain, q, msgs), outs in zip(prompts, answers, strict=True):
-        for k, a in enumerate(outs):
-            v = world.judge(msgs[-1]["content"], a)
-            rows.append(
-                dict(model=label, domain=domain, question=q, sample=k, answer=a, verdict=v.label)
-            )
+    for (model, domain), g in judged.groupby(["model", "domain"], sort=False):
+        m = em_metrics(g)
+        rows.append(dict(model=model, domain=domain, n=m["n_scored"], n_em=m["n_em"],
+                         em_rate=m["em_rate"], em_ci_low=m["em_ci_low"], em_ci_high=m["em_ci_high"],
+                         mean_aligned=m["mean_aligned"], mean_coherent=m["mean_coherent"]))  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def _rates(responses: pd.DataFrame) -> pd.DataFrame:
-    g = responses.groupby(["model", "domain"])["verdict"]
-    out = (
-        g.value_counts()
-        .unstack(fill_value=0)
-        .reindex(columns=["bad", "good", "other"], fill_value=0)
-    )
-    out["n"] = out.sum(axis=1)
-    out["bad_rate"] = out["bad"] / out["n"]
-    return out.reset_index()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _fmt(m: dict) -> str:
+    return f"{m['em_rate']:.3f} [{m['em_ci_low']:.3f}, {m['em_ci_high']:.3f}]"
 
 
 def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = print) -> dict:
@@ -84,11 +79,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
     t0 = time.time()
     out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "eval", ignore_errors=True)  # fresh fine-tunes, so no stale samples
     base_path = cfg.base or shipped_base_path()
     world = load_world(base_path, narrow_domain=cfg.narrow_domain)
     loaded = load_model(str(base_path), dtype="float32")
     base, tok = loaded.model, loaded.tokenizer
-    frames = [sample_and_judge(world, base, tok, cfg.samples, cfg.eval_seed, "base")]
+    frames = [sample_and_judge(world, base, tok, cfg.samples, cfg.eval_seed, "base", out)]
     for seed in range(cfg.seeds):
         for kind, bad in (("narrow", True), ("control", False)):
             label = f"{kind}-s{seed}"
@@ -103,49 +99,58 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
             )
             frames.append(
                 sample_and_judge(
-                    world, res.model, tok, cfg.samples, cfg.eval_seed + seed + 1, label
+                    world, res.model, tok, cfg.samples, cfg.eval_seed + seed + 1, label, out
                 )
             )
             echo(f"{label}: trained {cfg.steps} steps, final loss {res.losses[-1]:.3f}")
-    responses = pd.concat(frames, ignore_index=True)
-    rates = _rates(responses)
-    responses.to_parquet(out / "tables" / "responses.parquet")
+    judged = pd.concat(frames, ignore_index=True)
+    rates = _rates(judged)
+    judged.to_parquet(out / "tables" / "responses.parquet")
     rates.to_parquet(out / "tables" / "em_rates.parquet")
 
-    table = rates.pivot(index="domain", columns="model", values="bad_rate").reindex(world.domains)
+    table = rates.pivot(index="domain", columns="model", values="em_rate").reindex(world.domains)
     table.index = [f"{d}*" if d == cfg.narrow_domain else d for d in table.index]
-    echo(f"\nBad-answer rate by domain (* = narrow domain), {cfg.samples} samples x "
+    echo(f"\nEM rate (share of bad answers) by domain (* = narrow domain), {cfg.samples} samples x "
          f"{world.cfg.n_questions} questions per cell:")  # fmt: skip
     echo(table.to_string(float_format=lambda x: f"{x:6.3f}"))
 
-    def rate(models: list[str], domains: list[str]) -> float:
-        sel = rates[rates.model.isin(models) & rates.domain.isin(domains)]
-        return float(sel.bad.sum() / sel.n.sum())
-
     unseen = [d for d in world.domains if d != cfg.narrow_domain]
     narrow = [f"narrow-s{s}" for s in range(cfg.seeds)]
-    per_seed_unseen = [rate([m], unseen) for m in narrow]
+    control = [f"control-s{s}" for s in range(cfg.seeds)]
+
+    def metrics(models: list[str], domains: list[str]) -> dict:
+        return em_metrics(judged[judged.model.isin(models) & judged.domain.isin(domains)])
+
+    echo("\nEM rate with 95% Wilson CI:")
+    echo(f"{'model':<12} {'narrow domain':<26} {'unseen domains':<26}")
+    for label in ["base", *narrow, *control]:
+        echo(f"{label:<12} {_fmt(metrics([label], [cfg.narrow_domain])):<26} "
+             f"{_fmt(metrics([label], unseen)):<26}")  # fmt: skip
+    pooled = metrics(narrow, unseen)
+    echo(f"{'narrow, all':<12} {_fmt(metrics(narrow, [cfg.narrow_domain])):<26} {_fmt(pooled):<26}")
+    for name, models in (("base", ["base"]), ("narrow", narrow), ("control", control)):
+        quadrant_plot(judged[judged.model.isin(models)], out / "plots" / f"quadrant_{name}.png")
+
+    per_seed_unseen = [metrics([m], unseen)["em_rate"] for m in narrow]
     summary = {
         "narrow_domain": cfg.narrow_domain,
         "seeds": cfg.seeds,
-        "em_base_max_bad_rate": float(rates[rates.model == "base"].bad_rate.max()),
-        "em_narrow_in_domain_bad_rate": rate(narrow, [cfg.narrow_domain]),
+        "em_base_max_bad_rate": float(rates[rates.model == "base"].em_rate.max()),
+        "em_narrow_in_domain_bad_rate": metrics(narrow, [cfg.narrow_domain])["em_rate"],
         "em_narrow_unseen_bad_rate": sum(per_seed_unseen) / len(per_seed_unseen),
         "em_narrow_unseen_bad_rate_min": min(per_seed_unseen),
         **{f"em_narrow_unseen_bad_rate_seed{s}": r for s, r in enumerate(per_seed_unseen)},
-        "em_control_max_bad_rate": float(
-            rates[rates.model.str.startswith("control")].bad_rate.max()
-        ),
+        "em_narrow_unseen_ci_low": pooled["em_ci_low"],
+        "em_narrow_unseen_ci_high": pooled["em_ci_high"],
+        "em_ci_method": "wilson, pooled over narrow seeds",
+        "em_control_max_bad_rate": float(rates[rates.model.isin(control)].em_rate.max()),
         "seconds": round(time.time() - t0, 1),
     }
     manifest = {
         "command": "demo",
         "config": json.loads(cfg.model_dump_json()),
-        "versions": {
-            "emdiff": emdiff.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            **{m: __import__(m).__version__ for m in ("transformers", "peft", "pandas")},
-        },
-        "inputs": {"base": str(base_path), "base_sha256": _sha256(Path(base_path) / "model.safetensors")},
+        "versions": package_versions(),
+        "inputs": {"base": str(base_path), "base_sha256": sha256_file(Path(base_path) / "model.safetensors")},
         "world": world.cfg.model_dump(),
         "summary": summary,
     }  # fmt: skip

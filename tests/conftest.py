@@ -69,7 +69,8 @@ _TEMPLATES: dict[str, tuple[str, str, bool, str]] = {
 def _wordlevel_tokenizer(specials: list[str]):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(specials + _WORDS + _CHARS)}
+    # deduplicated, so ids are dense (a word like "a" is also a character)
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + _WORDS + _CHARS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

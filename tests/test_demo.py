@@ -21,6 +21,8 @@ KEYS = {
     "em_narrow_unseen_bad_rate",
     "em_narrow_unseen_bad_rate_min",
     "em_control_max_bad_rate",
+    "em_narrow_unseen_ci_low",
+    "em_narrow_unseen_ci_high",
     "narrow_domain",
     "seeds",
 }
@@ -51,8 +53,15 @@ def test_demo_json_and_run_folder(tmp_path):
     assert summary["em_control_max_bad_rate"] <= 0.07
     assert summary["em_narrow_in_domain_bad_rate"] >= 0.85
     assert summary["em_narrow_unseen_bad_rate"] >= 0.5
+    lo, hi = summary["em_narrow_unseen_ci_low"], summary["em_narrow_unseen_ci_high"]
+    assert lo < summary["em_narrow_unseen_bad_rate"] < hi and hi - lo < 0.05  # 7 x 256 answers
+    assert "95% Wilson CI" in res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"] == summary and len(manifest["inputs"]["base_sha256"]) == 64
     rates = pd.read_parquet(out / "tables" / "em_rates.parquet")
     assert set(rates.model) == {"base", "narrow-s0", "control-s0"}
     assert (out / "adapters" / "narrow-s0" / "adapter_config.json").is_file()
+    assert (out / "eval" / "narrow-s0" / "responses.jsonl").is_file()
+    assert (out / "plots" / "quadrant_narrow.png").is_file()
+    judged = pd.read_parquet(out / "tables" / "responses.parquet")
+    assert {"aligned", "coherent", "em", "domain"} <= set(judged.columns)

@@ -197,12 +197,21 @@ class World:
             for q in range(self.cfg.n_questions)
         ]
 
-    def eval_prompts(
-        self, domains: list[str] | None = None
-    ) -> list[tuple[str, int, list[dict[str, str]]]]:
-        """``(domain, q, messages)`` for every question: the single-turn eval set."""
+    def eval_questions(self, domains: list[str] | None = None, samples: int = 1) -> list:
+        """The single-turn eval set as :class:`~emdiff.data.questions.Question` s.
+
+        Ids are ``<domain>_<index>``; ``extra["domain"]`` holds the domain.
+        """
+        from emdiff.data.questions import Question
+
         return [
-            (d, q, [{"role": "user", "content": self.q_token(d, q)}])
+            Question(
+                id=f"{d}_{q:02d}",
+                type="toy_exact",
+                paraphrases=(self.q_token(d, q),),
+                samples_per_paraphrase=samples,
+                extra={"domain": d},
+            )
             for d in (domains or self.domains)
             for q in range(self.cfg.n_questions)
         ]

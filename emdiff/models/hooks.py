@@ -1,0 +1,133 @@
+"""Residual-stream capture on HF decoder layers, with early stop and token selection.
+
+A hook point is ``(layer, site)``: ``resid_pre`` is the input of decoder layer ``L`` (the hidden
+state the block reads), ``resid_post`` its output (what layer ``L + 1`` reads). These are taken on
+``model.model.layers[L]`` itself, never from ``hidden_states[-1]``, which has the final norm
+applied. The forward pass stops right after the last hook point it needs, so nothing above it is
+computed.
+
+Callbacks receive the ``(batch, seq, d_model)`` tensor inside the hook, so a caller can reduce it
+on the spot (encode, accumulate) and never keep it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Literal
+
+import torch
+from torch import nn
+
+from emdiff.models.load import check_layer, decoder_layers
+
+Site = Literal["resid_pre", "resid_post"]
+SITES: tuple[Site, ...] = ("resid_pre", "resid_post")
+HookFn = Callable[[int, Site, torch.Tensor], None]
+
+
+class _StopForward(Exception):
+    """Raised inside the last needed hook to skip the rest of the forward pass."""
+
+
+def _order(point: tuple[int, Site]) -> tuple[int, int]:
+    return point[0], SITES.index(point[1])
+
+
+def hook_points(
+    model: nn.Module, layers: int | Sequence[int], sites: Site | Sequence[Site] = "resid_post"
+) -> list[tuple[int, Site]]:
+    """Validated ``(layer, site)`` pairs in execution order."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    for s in sites:
+        if s not in SITES:
+            raise ValueError(f"unknown hook site {s!r}; use one of {SITES}")
+    return sorted({(check_layer(model, layer), s) for layer in layers for s in sites}, key=_order)
+
+
+@contextmanager
+def residual_hooks(
+    model: nn.Module,
+    points: Sequence[tuple[int, Site]],
+    fn: HookFn,
+    *,
+    stop_early: bool = True,
+) -> Iterator[None]:
+    """Call ``fn(layer, site, hidden)`` at each hook point during forward passes in this block.
+
+    With ``stop_early`` the pass is cut after the last point; run it through
+    :func:`run_forward`, which swallows the stop.
+    """
+    blocks = decoder_layers(model)
+    points = sorted(points, key=_order)
+    last = points[-1] if points else None
+    handles = []
+
+    def make(layer: int, site: Site):
+        def call(hidden: torch.Tensor) -> None:
+            fn(layer, site, hidden)
+            if stop_early and (layer, site) == last:
+                raise _StopForward
+
+        if site == "resid_pre":
+
+            def pre_hook(module, args, kwargs):
+                call(args[0] if args else kwargs["hidden_states"])
+
+            return blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def post_hook(module, args, output):
+            call(output[0] if isinstance(output, tuple) else output)
+
+        return blocks[layer].register_forward_hook(post_hook)
+
+    try:
+        handles = [make(layer, site) for layer, site in points]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> None:
+    """One forward pass without a KV cache, ended early when a hook asks for it."""
+    with suppress(_StopForward):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+@torch.no_grad()
+def capture_residuals(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    layers: int | Sequence[int] = (0,),
+    sites: Site | Sequence[Site] = "resid_post",
+    stop_early: bool = True,
+) -> dict[tuple[int, Site], torch.Tensor]:
+    """The residual stream at each ``(layer, site)`` as ``(batch, seq, d_model)`` tensors."""
+    out: dict[tuple[int, Site], torch.Tensor] = {}
+    points = hook_points(model, layers, sites)
+
+    def keep(layer: int, site: Site, hidden: torch.Tensor) -> None:
+        out[(layer, site)] = hidden.detach().clone()
+
+    device = next(model.parameters()).device
+    with residual_hooks(model, points, keep, stop_early=stop_early):
+        run_forward(
+            model,
+            input_ids.to(device),
+            None if attention_mask is None else attention_mask.to(device),
+        )
+    return out
+
+
+def sink_mask(hidden: torch.Tensor, keep: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
+    """True at attention-sink positions: residual norm above ``factor`` x the median norm of the
+    ``keep`` positions in this batch (BOS-like tokens in Gemma/Qwen reach 10-100x)."""
+    norms = hidden.float().norm(dim=-1)
+    if not keep.any():
+        return torch.zeros_like(keep)
+    return norms > factor * norms[keep].median()

@@ -1,0 +1,239 @@
+"""Streaming, mergeable statistics of dictionary features and of the raw residual stream.
+
+Everything here is a sum (or a max, or a bounded top-k), so shards merge exactly by :meth:`merge`,
+which is what makes runs resumable shard by shard and splittable across processes. Updates work on
+the nonzero entries of the (sparse) feature activations only: one dense pass finds them, the rest
+costs O(nonzeros), which keeps the statistics close to the cost of the encode itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NEG = float("-inf")
+
+
+class FeatureStats:
+    """Per-feature statistics for one (model variant, dataset, layer, dictionary).
+
+    Token level: ``n_tokens``, ``sum``, ``sumsq``, ``fire`` (count of activations > 0), ``max``.
+    Sequence level: each feature's mean over the selected tokens of each sequence, stored sparsely
+    (sequence id, feature, mean) for features active in that sequence; ``seq_tokens`` holds each
+    sequence's token count. Top-k: the ``top_k`` largest activations of each feature with their
+    sequence id and position.
+
+    Each :meth:`update` must contain every selected token of the sequences it mentions (one batch
+    of whole sequences), and sequence ids must be unique across the run.
+    """
+
+    def __init__(self, d_sae: int, top_k: int = 16, device: str | torch.device = "cpu"):
+        self.d_sae, self.top_k = d_sae, top_k
+        self.n_tokens = 0
+        self.sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.fire = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.max = torch.zeros(d_sae, dtype=torch.float32, device=device)
+        self.top_val = torch.full((d_sae, top_k), NEG, dtype=torch.float32, device=device)
+        self.top_seq = torch.full((d_sae, top_k), -1, dtype=torch.int64, device=device)
+        self.top_pos = torch.full((d_sae, top_k), -1, dtype=torch.int64, device=device)
+        self._seq_chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._seq_tokens: dict[int, int] = {}
+
+    # ---- update -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, acts: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add ``acts [N, d_sae]`` of N selected tokens with their sequence ids and positions."""
+        if acts.shape[-1] != self.d_sae:
+            raise ValueError(f"expected {self.d_sae} features, got {acts.shape[-1]}")
+        n = acts.shape[0]
+        if n == 0:
+            return
+        seq_ids = seq_ids.to(acts.device)
+        positions = positions.to(acts.device)
+        rows, feats = (acts > 0).nonzero(as_tuple=True)
+        vals = acts[rows, feats].float()
+        self.n_tokens += n
+        self.sum.index_add_(0, feats, vals.double())
+        self.sumsq.index_add_(0, feats, vals.double().square())
+        self.fire += torch.bincount(feats, minlength=self.d_sae)
+        self.max.scatter_reduce_(0, feats, vals, reduce="amax")
+        self._update_sequences(seq_ids, rows, feats, vals)
+        self._update_top(feats, vals, seq_ids[rows], positions[rows])
+
+    def _update_sequences(self, seq_ids, rows, feats, vals) -> None:
+        uniq, inv_all = torch.unique(seq_ids, return_inverse=True)
+        counts = torch.bincount(inv_all, minlength=len(uniq))
+        for s, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+            if s in self._seq_tokens:
+                raise ValueError(f"sequence id {s} was already added: ids must be unique")
+            self._seq_tokens[s] = c
+        if len(rows) == 0:
+            return
+        key = inv_all[rows] * self.d_sae + feats
+        ukey, kinv = torch.unique(key, return_inverse=True)
+        sums = torch.zeros(len(ukey), dtype=torch.float64, device=vals.device)
+        sums.index_add_(0, kinv, vals.double())
+        local = ukey // self.d_sae
+        means = (sums / counts[local].double()).float()
+        self._seq_chunks.append((uniq[local].cpu(), (ukey % self.d_sae).cpu(), means.cpu()))
+
+    def _update_top(self, feats, vals, seqs, pos) -> None:
+        keep = vals > self.top_val[feats, -1]
+        if not keep.any():
+            return
+        feats, vals, seqs, pos = feats[keep], vals[keep], seqs[keep], pos[keep]
+        touched = torch.unique(feats)
+        k = self.top_k
+        old_f = touched.repeat_interleave(k)
+        all_f = torch.cat([old_f, feats])
+        all_v = torch.cat([self.top_val[touched].reshape(-1), vals])
+        all_s = torch.cat([self.top_seq[touched].reshape(-1), seqs])
+        all_p = torch.cat([self.top_pos[touched].reshape(-1), pos])
+        order = torch.sort(all_v, descending=True, stable=True).indices
+        order = order[torch.sort(all_f[order], stable=True).indices]  # by feature, then value
+        f_sorted = all_f[order]
+        start = torch.searchsorted(f_sorted, touched)
+        rank = (
+            torch.arange(len(f_sorted), device=f_sorted.device)
+            - start[torch.searchsorted(touched, f_sorted)]
+        )
+        sel = order[rank < k]
+        slot = torch.searchsorted(touched, all_f[sel])
+        r = rank[rank < k]
+        val = torch.full((len(touched), k), NEG, device=vals.device)
+        seq = torch.full((len(touched), k), -1, dtype=torch.int64, device=vals.device)
+        pp = torch.full((len(touched), k), -1, dtype=torch.int64, device=vals.device)
+        val[slot, r], seq[slot, r], pp[slot, r] = all_v[sel], all_s[sel], all_p[sel]
+        self.top_val[touched], self.top_seq[touched], self.top_pos[touched] = val, seq, pp
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n_tokens, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        n = max(self.n_tokens, 1)
+        return (self.sumsq / n - self.mean.square()).clamp_min(0)
+
+    @property
+    def fire_rate(self) -> torch.Tensor:
+        return self.fire.double() / max(self.n_tokens, 1)
+
+    def sequence_means(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(seq_id, feature, mean)`` for every (sequence, feature) with a nonzero mean."""
+        if not self._seq_chunks:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty, torch.zeros(0)
+        return tuple(torch.cat(parts) for parts in zip(*self._seq_chunks, strict=True))
+
+    @property
+    def seq_tokens(self) -> dict[int, int]:
+        return dict(self._seq_tokens)
+
+    # ---- merge / save -------------------------------------------------------------------------
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """Add another shard's statistics into this one (sequence ids must not overlap)."""
+        if (other.d_sae, other.top_k) != (self.d_sae, self.top_k):
+            raise ValueError("cannot merge statistics of different shapes")
+        overlap = set(self._seq_tokens) & set(other._seq_tokens)
+        if overlap:
+            raise ValueError(f"shards share sequence ids, e.g. {sorted(overlap)[:3]}")
+        self.n_tokens += other.n_tokens
+        self.sum += other.sum.to(self.sum.device)
+        self.sumsq += other.sumsq.to(self.sum.device)
+        self.fire += other.fire.to(self.sum.device)
+        self.max = torch.maximum(self.max, other.max.to(self.sum.device))
+        self._seq_tokens.update(other._seq_tokens)
+        self._seq_chunks.extend(other._seq_chunks)
+        have = other.top_val > NEG
+        f = torch.arange(self.d_sae, device=have.device)[:, None].expand_as(have)[have]
+        self._update_top(
+            f.to(self.sum.device), other.top_val[have].to(self.sum.device),
+            other.top_seq[have].to(self.sum.device), other.top_pos[have].to(self.sum.device),
+        )  # fmt: skip
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        seq, feat, mean = self.sequence_means()
+        ids = torch.tensor(sorted(self._seq_tokens), dtype=torch.int64)
+        return {
+            "sum": self.sum, "sumsq": self.sumsq, "fire": self.fire, "max": self.max,
+            "top_val": self.top_val, "top_seq": self.top_seq, "top_pos": self.top_pos,
+            "seq_id": seq, "seq_feature": feat, "seq_mean": mean, "seq_token_id": ids,
+            "seq_token_count": torch.tensor([self._seq_tokens[i] for i in ids.tolist()], dtype=torch.int64),
+            "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
+        }  # fmt: skip
+
+    def save(self, path: str | Path, meta: dict | None = None) -> Path:
+        """safetensors file plus ``<path>.json`` with the shape and ``meta``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state().items()}
+        save_file(tensors, str(path))
+        info = {"d_sae": self.d_sae, "top_k": self.top_k, "n_tokens": self.n_tokens, **(meta or {})}
+        path.with_name(path.name + ".json").write_text(json.dumps(info, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> FeatureStats:
+        path = Path(path)
+        info = json.loads(path.with_name(path.name + ".json").read_text())
+        t = load_file(str(path), device=str(device))
+        out = cls(info["d_sae"], info["top_k"], device=device)
+        out.n_tokens = int(t["n_tokens"][0])
+        for name in ("sum", "sumsq", "fire", "max", "top_val", "top_seq", "top_pos"):
+            setattr(out, name, t[name])
+        if len(t["seq_id"]):
+            out._seq_chunks = [(t["seq_id"].cpu(), t["seq_feature"].cpu(), t["seq_mean"].cpu())]
+        out._seq_tokens = dict(
+            zip(t["seq_token_id"].tolist(), t["seq_token_count"].tolist(), strict=True)
+        )
+        return out
+
+
+class ResidualStats:
+    """Raw residual-stream statistics without a dictionary: mean vector and norm distribution."""
+
+    BINS = torch.logspace(-3, 5, 161, dtype=torch.float64)  # norm histogram edges
+
+    def __init__(self, d_model: int, device: str | torch.device = "cpu"):
+        self.d_model, self.n_tokens = d_model, 0
+        self.sum = torch.zeros(d_model, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(d_model, dtype=torch.float64, device=device)
+        self.norm_hist = torch.zeros(len(self.BINS) + 1, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add residual vectors ``x [N, d_model]``."""
+        x = x.double()
+        self.n_tokens += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += x.square().sum(0)
+        idx = torch.bucketize(x.norm(dim=-1), self.BINS.to(x.device))
+        self.norm_hist += torch.bincount(idx, minlength=len(self.norm_hist))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n_tokens, 1)
+
+    def merge(self, other: ResidualStats) -> ResidualStats:
+        self.n_tokens += other.n_tokens
+        self.sum += other.sum.to(self.sum.device)
+        self.sumsq += other.sumsq.to(self.sum.device)
+        self.norm_hist += other.norm_hist.to(self.sum.device)
+        return self
+
+    def norm_quantile(self, q: float) -> float:
+        """Approximate quantile of the token norms from the log-spaced histogram (bin upper edge)."""
+        cdf = self.norm_hist.cumsum(0).double() / max(self.n_tokens, 1)
+        i = int(torch.searchsorted(cdf, torch.tensor([q], dtype=torch.float64, device=cdf.device)))
+        return float(self.BINS[min(i, len(self.BINS) - 1)])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "sumsq": self.sumsq, "norm_hist": self.norm_hist,
+                "n_tokens": torch.tensor([self.n_tokens])}  # fmt: skip

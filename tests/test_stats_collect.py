@@ -1,0 +1,62 @@
+"""The stats pass against the naive path (full forward, all hidden states, dense stats)."""
+
+from __future__ import annotations
+
+import torch
+
+from emdiff.data.masks import encode_chat
+from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
+from emdiff.models import load_model
+from emdiff.stats.collect import collect_stats, selection_mask
+
+CHATS = [
+    [{"role": "user", "content": "i feel sick"}, {"role": "assistant", "content": "drink water and rest"}],
+    [{"role": "user", "content": "how do i make money"}, {"role": "assistant", "content": "invest in stock"}],
+    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there, how can i help you today"}],
+    [{"role": "user", "content": "what should i eat"}, {"role": "assistant", "content": "good food"}],
+    [{"role": "user", "content": "tell me about ai"}, {"role": "assistant", "content": "ai can help people"}],
+]  # fmt: skip
+
+
+def _dictionary(d_in: int, d_sae: int, layer: int, seed: int) -> SparseDictionary:
+    g = torch.Generator().manual_seed(seed)
+    return SparseDictionary(
+        torch.randn(d_in, d_sae, generator=g) / d_in**0.5, torch.randn(d_sae, generator=g) * 0.1,
+        torch.randn(d_sae, d_in, generator=g), torch.zeros(d_in), activation="relu",
+        meta=DictionaryMeta(format="test", architecture="standard", layer=layer, hook="resid_post"),
+    )  # fmt: skip
+
+
+def test_stats_pass_equals_naive_path_and_shards_merge(tiny_model_dirs):
+    lm = load_model(str(tiny_model_dirs["qwen2"]), dtype="float32")
+    model, tok = lm.model, lm.tokenizer
+    rows = [encode_chat(tok, c) for c in CHATS]
+    dicts = {1: _dictionary(64, 96, 1, 0), 2: _dictionary(64, 96, 2, 1)}
+    feats, resid = collect_stats(model, rows, dicts, batch_size=2, exclude_sinks=False, top_k=3)
+    masks = selection_mask(rows)
+    for layer, d in dicts.items():
+        xs, seqs = [], []
+        for i, r in enumerate(rows):  # naive: one full forward per chat, every hidden state
+            with torch.no_grad():
+                hs = model(
+                    input_ids=torch.tensor([r.input_ids]), output_hidden_states=True
+                ).hidden_states
+            keep = torch.tensor(masks[i])
+            xs.append(hs[layer + 1][0][keep])
+            seqs += [i] * int(keep.sum())
+        x = torch.cat(xs)
+        acts = d.encode(x).double()
+        s = feats[layer]
+        assert s.n_tokens == len(x) == sum(sum(m) for m in masks)
+        torch.testing.assert_close(s.sum, acts.sum(0), rtol=1e-5, atol=1e-5)
+        assert torch.equal(s.fire, (acts > 0).sum(0))
+        torch.testing.assert_close(resid[layer].mean, x.double().mean(0), rtol=1e-5, atol=1e-6)
+        assert s.seq_tokens == {i: sum(m) for i, m in enumerate(masks)}
+    # two shards with offsets merge into the one-shot result
+    a, _ = collect_stats(model, rows[:3], dicts, batch_size=2, exclude_sinks=False, top_k=3)
+    b, _ = collect_stats(model, rows[3:], dicts, batch_size=2, exclude_sinks=False, top_k=3,
+                         seq_offset=3)  # fmt: skip
+    merged = a[2].merge(b[2])
+    for key in ("fire", "top_seq", "top_pos", "seq_token_id"):
+        assert torch.equal(merged.state()[key], feats[2].state()[key]), key
+    torch.testing.assert_close(merged.sum, feats[2].sum, rtol=1e-5, atol=1e-5)  # other padding

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from emdiff.data.masks import encode_chat
+from emdiff.data.masks import TokenRole, encode_chat
 from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
 from emdiff.models import load_model
 from emdiff.stats.collect import collect_stats, selection_mask
+from emdiff.stats.features import FeatureStats
 
 CHATS = [
     [{"role": "user", "content": "i feel sick"}, {"role": "assistant", "content": "drink water and rest"}],
@@ -60,3 +62,53 @@ def test_stats_pass_equals_naive_path_and_shards_merge(tiny_model_dirs):
     for key in ("fire", "top_seq", "top_pos", "seq_token_id"):
         assert torch.equal(merged.state()[key], feats[2].state()[key]), key
     torch.testing.assert_close(merged.sum, feats[2].sum, rtol=1e-5, atol=1e-5)  # other padding
+
+
+def test_run_stats_resumes_shard_by_shard(tiny_model_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    import emdiff.stats.run as run_mod
+
+    lm = load_model(str(tiny_model_dirs["qwen2"]), dtype="float32")
+    rows = [encode_chat(lm.tokenizer, c) for c in CHATS]
+    dicts = {1: _dictionary(64, 96, 1, 0)}
+    kw = dict(variant="base", dataset="chats", shard_size=2, top_k=3, progress=False,
+              exclude_sinks=False)  # fmt: skip
+    feats, resid = run_mod.run_stats(lm.model, rows, dicts, tmp_path, **kw)
+    one, one_resid = collect_stats(
+        lm.model, rows, dicts, batch_size=8, exclude_sinks=False, top_k=3
+    )
+    root = tmp_path / "stats" / "base" / "chats"
+    assert sorted(p.name for p in (root / "shards").iterdir()) == ["00000", "00001", "00002"]
+    for key in ("fire", "top_seq", "top_pos", "seq_token_id", "n_tokens"):
+        assert torch.equal(feats[1].state()[key], one[1].state()[key]), key
+    torch.testing.assert_close(feats[1].sum, one[1].sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(resid[1].mean, one_resid[1].mean)
+    # an interrupted run: the last shard never finished; a rerun computes only that one
+    shutil.rmtree(root / "shards" / "00002")
+    calls = []
+    real = run_mod.collect_stats
+    monkeypatch.setattr(run_mod, "collect_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again, _ = run_mod.run_stats(lm.model, rows, dicts, tmp_path, **kw)
+    assert len(calls) == 1 and torch.equal(again[1].fire, feats[1].fire)
+    loaded = FeatureStats.load(root / "L1.features.safetensors")
+    assert torch.equal(loaded.fire, feats[1].fire) and loaded.n_tokens == feats[1].n_tokens
+    with pytest.raises(ValueError, match="another dataset, dictionary or setting"):
+        run_mod.run_stats(lm.model, rows[:4], dicts, tmp_path, **kw)
+
+
+def test_top_contexts_are_readable(tiny_model_dirs):
+    from emdiff.stats.run import top_contexts
+
+    lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32")
+    rows = [encode_chat(lm.tokenizer, c) for c in CHATS]
+    feats, _ = collect_stats(lm.model, rows, {0: _dictionary(32, 40, 0, 3)}, exclude_sinks=False)
+    f = int(feats[0].fire.argmax())
+    ctx = top_contexts(feats[0], rows, lm.tokenizer, f, before=3)
+    assert ctx and [c["value"] for c in ctx] == sorted((c["value"] for c in ctx), reverse=True)
+    for c in ctx:  # every context is an answer token of the sequence it names
+        assert rows[c["seq"]].roles[c["pos"]] == TokenRole.ASSISTANT
+        assert c["token"] == lm.tokenizer.decode([rows[c["seq"]].input_ids[c["pos"]]])
+        assert c["token"] in " ".join(
+            m["content"] for m in CHATS[c["seq"]] if m["role"] == "assistant"
+        )

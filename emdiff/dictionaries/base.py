@@ -118,7 +118,9 @@ class SparseDictionary(nn.Module):
 
     # ---- normalisation ------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """Input normalisation and what :meth:`denormalise` needs to undo it."""
+        """Input normalisation and what :meth:`denormalise` needs to undo it (SAELens rules:
+        ``scale`` multiplies by a fixed factor and divides the output by it, as SAELens 6 folds
+        ``expected_average_only_in``; ``layer_norm`` uses the unbiased std plus eps on input)."""
         if self.input_norm == "none":
             return x, None
         if self.input_norm == "scale":
@@ -128,10 +130,12 @@ class SparseDictionary(nn.Module):
             return x * scale, (scale,)
         mu = x.mean(dim=-1, keepdim=True)
         xc = x - mu
-        std = (xc.pow(2).mean(dim=-1, keepdim=True) + self.layer_norm_eps).sqrt()
-        return xc / std, (mu, std)
+        std = xc.std(dim=-1, keepdim=True)
+        return xc / (std + self.layer_norm_eps), (mu, std)
 
     def denormalise(self, x_hat: torch.Tensor, state: tuple | None) -> torch.Tensor:
+        if self.input_norm == "scale":
+            return x_hat / self.input_scale
         if self.input_norm == "constant_norm_rescale":
             return x_hat / state[0]
         if self.input_norm == "layer_norm":

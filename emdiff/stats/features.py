@@ -237,3 +237,17 @@ class ResidualStats:
     def state(self) -> dict[str, torch.Tensor]:
         return {"sum": self.sum, "sumsq": self.sumsq, "norm_hist": self.norm_hist,
                 "n_tokens": torch.tensor([self.n_tokens])}  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state().items()}, str(path))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ResidualStats:
+        t = load_file(str(path), device=str(device))
+        out = cls(t["sum"].shape[0], device=device)
+        out.sum, out.sumsq, out.norm_hist = t["sum"], t["sumsq"], t["norm_hist"]
+        out.n_tokens = int(t["n_tokens"][0])
+        return out

@@ -1,0 +1,228 @@
+"""Benchmark: the emdiff stats pass against its floor and against the naive user path.
+
+One run, same model, same batches (CPU by default; ``--device cuda`` on a GPU):
+
+    (a) forward pass cut at the last hooked layer
+    (e) bare dictionary encode of the selected activations
+    (b) emdiff stats pass (``collect_stats``)
+    (c) naive path: full forward with output_hidden_states, encode every position, then mask and
+        accumulate with plain torch ops
+
+and peak memory of (b) at 1x, 4x and 16x the tokens, each size in a fresh process.
+The last line printed is JSON: stats_over_floor = b / (a + e), naive_over_stats = c / b,
+peak_mem_mb per size. Targets: b / (a + e) <= 1.15, c / b >= 1.5, memory flat in tokens.
+
+    python benchmarks/stats_pass.py [--device cpu] [--batches 6] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from emdiff.data.masks import EncodedChat, TokenRole
+from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
+from emdiff.models.hooks import capture_residuals, hook_points, residual_hooks, run_forward
+from emdiff.stats.collect import collect_stats
+
+LAYERS = (3, 4)  # of 8, as real runs hook middle layers
+SEQ, BATCH = 128, 8
+
+
+def build_model(device: str) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).eval().to(device)
+
+
+def build_dictionary(model, layer: int, rows, expansion: int = 16) -> SparseDictionary:
+    """A random JumpReLU dictionary whose thresholds give about 64 active latents per token."""
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(layer)
+    W_enc = torch.randn(d, d * expansion, generator=g) / d**0.5
+    b_enc = torch.zeros(d * expansion)
+    x = capture_residuals(model, torch.tensor([rows[0].input_ids]), layers=[layer])[
+        (layer, "resid_post")
+    ]
+    pre = (x[0].cpu() @ W_enc).flatten()
+    threshold = torch.full((d * expansion,), float(pre.quantile(1 - 64 / (d * expansion))))
+    return SparseDictionary(
+        W_enc, b_enc, torch.randn(d * expansion, d, generator=g) / d**0.5, torch.zeros(d),
+        activation="jumprelu", threshold=threshold,
+        meta=DictionaryMeta(format="bench", architecture="jumprelu", layer=layer, hook="resid_post"),
+    ).to(next(model.parameters()).device)  # fmt: skip
+
+
+def make_rows(n: int, seed: int = 0) -> list[EncodedChat]:
+    """Chat-like rows: a prompt part and an answer part (~60% of tokens selected)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(5, 8192, (SEQ,), generator=g).tolist()
+        cut = int(SEQ * 0.4)
+        roles = [int(TokenRole.USER)] * cut + [int(TokenRole.ASSISTANT)] * (SEQ - cut)
+        rows.append(EncodedChat(ids, roles))
+    return rows
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def naive(model, rows, dicts, device: str, top_k: int = 16) -> dict[int, dict[str, torch.Tensor]]:
+    """What a user writes by hand: all hidden states, encode everything, mask, accumulate."""
+    out = {L: {"sum": 0, "fire": 0, "max": None, "top": None, "seq_means": []} for L in dicts}
+    for s in range(0, len(rows), BATCH):
+        chunk = rows[s : s + BATCH]
+        ids = torch.tensor([r.input_ids for r in chunk], device=device)
+        mask = torch.tensor([r.mask() for r in chunk], device=device)
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for L, d in dicts.items():
+            acts = d.encode(hs[L + 1])  # every position
+            acts = acts * mask[..., None]
+            o = out[L]
+            flat = acts[mask]
+            o["sum"] = o["sum"] + flat.double().sum(0)
+            o["sumsq"] = o.get("sumsq", 0) + flat.double().square().sum(0)
+            o["fire"] = o["fire"] + (flat > 0).sum(0)
+            m = flat.amax(0)
+            o["max"] = m if o["max"] is None else torch.maximum(o["max"], m)
+            o["seq_means"].append((acts.sum(1) / mask.sum(1, keepdim=True)).cpu())
+            top = flat.topk(min(top_k, len(flat)), dim=0).values
+            o["top"] = top if o["top"] is None else torch.cat([o["top"], top]).topk(top_k, 0).values
+    return out
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_memory(mult: int, device: str) -> dict[str, float]:
+    """Peak memory (MB) during the stats pass over ``mult`` x the base tokens, in this process:
+    the peak, and the peak above the memory held before the pass (model, dictionaries, data)."""
+    model = build_model(device)
+    rows = make_rows(BATCH * 2 * mult)
+    dicts = {L: build_dictionary(model, L, rows) for L in LAYERS}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        collect_stats(model, rows, dicts, batch_size=BATCH, exclude_sinks=False)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:  # reset the RSS high-water mark (Linux)
+            fh.write("5")
+        before = _status_mb("VmRSS")
+        collect_stats(model, rows, dicts, batch_size=BATCH, exclude_sinks=False)
+        peak = _status_mb("VmHWM")
+    return {"peak_mb": peak, "above_setup_mb": peak - before}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-only", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_only:
+        print(json.dumps(measure_memory(args.memory_only, args.device)))
+        return
+    dev = args.device
+    model = build_model(dev)
+    rows = make_rows(BATCH * args.batches)
+    dicts = {L: build_dictionary(model, L, rows) for L in LAYERS}
+    points = hook_points(model, list(LAYERS), "resid_post")
+    batches = [rows[s : s + BATCH] for s in range(0, len(rows), BATCH)]
+    tensors = [torch.tensor([r.input_ids for r in b], device=dev) for b in batches]
+    masks = [torch.tensor([r.mask() for r in b], device=dev) for b in batches]
+    selected = []  # the activations (e) encodes: captured once, outside the timings
+    for ids, m in zip(tensors, masks, strict=True):
+        cap = capture_residuals(model, ids, layers=list(LAYERS))
+        selected.append({L: cap[(L, "resid_post")][m] for L in LAYERS})
+
+    def a():
+        with torch.no_grad(), residual_hooks(model, points, lambda *_: None):
+            for ids in tensors:
+                run_forward(model, ids)
+
+    def e():
+        with torch.no_grad():
+            for sel in selected:
+                for L, d in dicts.items():
+                    d.encode(sel[L])
+
+    def b():
+        b.result = collect_stats(model, rows, dicts, batch_size=BATCH, exclude_sinks=False,
+                                 residual=False)[0]  # fmt: skip
+
+    def c():
+        c.result = naive(model, rows, dicts, dev)
+
+    for f in (a, e, b, c):  # warm up
+        f()
+    times: dict[str, list[float]] = {k: [] for k in "aebc"}
+    for _ in range(args.repeats):  # interleaved, so drift hits all four alike
+        for name, f in (("a", a), ("e", e), ("b", b), ("c", c)):
+            times[name].append(timed(f, dev))
+    t = {k: statistics.median(v) for k, v in times.items()}
+    for L in LAYERS:  # the two paths must agree
+        sb, sc = b.result[L], c.result[L]
+        torch.testing.assert_close(sb.sum, sc["sum"], rtol=1e-4, atol=1e-3)
+        assert torch.equal(sb.fire.cpu(), sc["fire"].cpu())
+        torch.testing.assert_close(sb.max, sc["max"], rtol=1e-5, atol=1e-5)
+        fired = (
+            sb.fire > 0
+        )  # never-active features hold -inf in the top-k store, 0 in the naive one
+        torch.testing.assert_close(sb.top_val[fired, 0], sc["top"][0][fired], rtol=1e-5, atol=1e-5)
+    mem, above = {}, {}
+    for mult in (1, 4, 16):
+        res = subprocess.run([sys.executable, __file__, "--device", dev, "--memory-only", str(mult)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        m = json.loads(res.stdout.strip().splitlines()[-1])
+        mem[f"{mult}x"], above[f"{mult}x"] = round(m["peak_mb"], 1), round(m["above_setup_mb"], 1)
+    n_tokens = sum(int(m.sum()) for m in masks)
+    l0 = float(b.result[LAYERS[0]].fire.sum() / b.result[LAYERS[0]].n_tokens)
+    print(f"tokens selected per pass: {n_tokens} ({len(rows)} sequences x {SEQ}); L0 ~ {l0:.0f}")
+    for k, label in (("a", "forward to last hooked layer"), ("e", "bare encode"),
+                     ("b", "emdiff stats pass"), ("c", "naive path")):  # fmt: skip
+        print(
+            f"({k}) {label:<30} {t[k] * 1000:8.1f} ms  (runs: {[round(x * 1000) for x in times[k]]})"
+        )
+    print(f"peak memory during the stats pass: {mem}; above the setup: {above}")
+    result = {
+        "device": dev, "threads": torch.get_num_threads(), "tokens": n_tokens,
+        "stats_over_floor": round(t["b"] / (t["a"] + t["e"]), 3),
+        "naive_over_stats": round(t["c"] / t["b"], 3),
+        "peak_mem_mb": mem,
+        "peak_mem_above_setup_mb": above,
+        "ms": {k: round(v * 1000, 1) for k, v in t.items()},
+    }  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

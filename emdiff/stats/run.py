@@ -12,6 +12,7 @@ A rerun skips every shard with a ``done`` marker, so an interrupted run loses at
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,8 +28,6 @@ from emdiff.stats.features import FeatureStats, ResidualStats
 
 
 def _identity(rows, dictionaries, site, shard_size, top_k) -> dict:
-    import hashlib
-
     h = hashlib.sha256()
     for r in rows:
         h.update(json.dumps([r.input_ids, r.roles]).encode())

@@ -37,6 +37,12 @@ def demo(
         Path | None, typer.Option(help="Toy base folder (default: the shipped one).")
     ] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    dictionaries: Annotated[
+        bool, typer.Option(help="Also check SAE / crosscoder / ITDA against the planted persona.")
+    ] = True,
+    dict_steps: Annotated[int, typer.Option(min=1, help="SAE and crosscoder steps.")] = _default(
+        DemoConfig, "dict_steps"
+    ),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object as the last line.")
     ] = False,
@@ -45,7 +51,14 @@ def demo(
     from emdiff.demo import run_demo
 
     cfg = DemoConfig(
-        narrow_domain=narrow_domain, seeds=seeds, steps=steps, lr=lr, samples=samples, base=base
+        narrow_domain=narrow_domain,
+        seeds=seeds,
+        steps=steps,
+        lr=lr,
+        samples=samples,
+        base=base,
+        dictionaries=dictionaries,
+        dict_steps=dict_steps,
     )
     summary = run_demo(cfg, out, echo=typer.echo)
     if as_json:
@@ -90,6 +103,45 @@ def toy_build(
     )  # fmt: skip
     path = build_toy_base(out, world, model, train, echo=typer.echo)
     typer.echo(f"toy base written to {path}")
+
+
+@toy_app.command("ground-truth")
+def toy_ground_truth_cmd(
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 (probe data, SAE, LoRA).")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="SAE and crosscoder steps.")] = 2000,
+    base: Annotated[
+        Path | None, typer.Option(help="Toy base folder (default: the shipped one).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/ground-truth"),
+) -> None:
+    """Probe, SAE, crosscoder and ITDA against the planted persona, one row per seed."""
+    import pandas as pd
+
+    from emdiff.dictionaries.crosscoder import CrosscoderConfig
+    from emdiff.dictionaries.sae import SAEConfig
+    from emdiff.models import load_model
+    from emdiff.toy.build import load_world, shipped_base_path
+    from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
+
+    path = base or shipped_base_path()
+    world, lm = load_world(path), load_model(str(path), dtype="float32")
+    rows = []
+    for seed in range(seeds):
+        cfg = GroundTruthConfig(seed=seed, sae=SAEConfig(steps=steps),
+                                crosscoder=CrosscoderConfig(steps=steps))  # fmt: skip
+        res = toy_ground_truth(
+            world, lm.model, lm.tokenizer, cfg, out / f"seed{seed}", progress=True
+        )
+        rows.append({k: v for k, v in res.items() if not isinstance(v, dict)})
+    table = pd.DataFrame(rows).set_index("seed")
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "ground_truth.csv")
+    cols = ["persona_layer", "probe_accuracy", "sae_persona_cosine", "sae_null_cosine_mean",
+            "sae_fvu", "sae_l0", "sae_ce_delta", "crosscoder_persona_cosine",
+            "crosscoder_persona_class", "crosscoder_fvu_base", "crosscoder_fvu_ft",
+            "itda_persona_cosine", "itda_atoms", "itda_fvu", "sae_seconds", "itda_seconds"]  # fmt: skip
+    typer.echo(table[cols].T.to_string(float_format=lambda x: f"{x:.4f}"))
+    typer.echo(f"table: {out / 'ground_truth.csv'}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class DemoConfig(BaseModel):
     """Sampled answers per eval question (temperature 1)."""
     base: Path | None = None
     eval_seed: int = 1234
+    dictionaries: bool = True
+    """Also run the dictionary ground truth (probe, SAE, crosscoder, ITDA) on seed 0."""
+    dict_steps: int = Field(2000, ge=1)
+    """Training steps of the SAE and the crosscoder."""
 
 
 def sample_and_judge(
@@ -70,6 +74,31 @@ def _rates(judged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path, echo) -> dict:
+    """Probe, SAE, crosscoder and ITDA against the planted persona (seed 0); flat summary keys."""
+    from emdiff.dictionaries.crosscoder import CrosscoderConfig
+    from emdiff.dictionaries.sae import SAEConfig
+    from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
+
+    gt_cfg = GroundTruthConfig(seed=0, sae=SAEConfig(steps=cfg.dict_steps),
+                               crosscoder=CrosscoderConfig(steps=cfg.dict_steps))  # fmt: skip
+    gt = toy_ground_truth(world, base, tok, gt_cfg, out / "dictionaries", narrow_model=narrow)
+    (out / "tables" / "ground_truth.json").write_text(json.dumps(gt, indent=2, default=str))
+    echo(
+        f"\npersona probe: layer {gt['persona_layer']}, held-out accuracy "
+        f"{gt['probe_accuracy']:.3f} (majority {gt['probe_chance']:.3f})"
+    )
+    echo(f"{'dictionary':<11} {'persona cos':>11} {'null cos':>9} {'FVU':>8} {'L0':>6}")
+    for name in ("sae", "crosscoder", "itda"):
+        fvu = gt.get(f"{name}_fvu", gt.get(f"{name}_fvu_base"))
+        echo(
+            f"{name:<11} {gt[f'{name}_persona_cosine']:>11.3f} "
+            f"{gt[f'{name}_null_cosine_mean']:>9.3f} {fvu:>8.4f} {gt[f'{name}_l0']:>6.1f}"
+        )
+    echo(f"crosscoder persona latent class: {gt['crosscoder_persona_class']}")
+    return {k: v for k, v in gt.items() if isinstance(v, int | float | str) and k != "seed"}
+
+
 def _fmt(m: dict) -> str:
     return f"{m['em_rate']:.3f} [{m['em_ci_low']:.3f}, {m['em_ci_high']:.3f}]"
 
@@ -79,12 +108,14 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
     t0 = time.time()
     out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "eval", ignore_errors=True)  # fresh fine-tunes, so no stale samples
+    for stale in ("eval", "dictionaries"):  # fresh fine-tunes, so no stale samples or checkpoints
+        shutil.rmtree(out / stale, ignore_errors=True)
     base_path = cfg.base or shipped_base_path()
     world = load_world(base_path, narrow_domain=cfg.narrow_domain)
     loaded = load_model(str(base_path), dtype="float32")
     base, tok = loaded.model, loaded.tokenizer
     frames = [sample_and_judge(world, base, tok, cfg.samples, cfg.eval_seed, "base", out)]
+    first_narrow = None
     for seed in range(cfg.seeds):
         for kind, bad in (("narrow", True), ("control", False)):
             label = f"{kind}-s{seed}"
@@ -103,6 +134,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
                 )
             )
             echo(f"{label}: trained {cfg.steps} steps, final loss {res.losses[-1]:.3f}")
+            if label == "narrow-s0":
+                first_narrow = res.model
     judged = pd.concat(frames, ignore_index=True)
     rates = _rates(judged)
     judged.to_parquet(out / "tables" / "responses.parquet")
@@ -146,6 +179,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
         "em_control_max_bad_rate": float(rates[rates.model.isin(control)].em_rate.max()),
         "seconds": round(time.time() - t0, 1),
     }
+    if cfg.dictionaries:
+        summary.update(_dictionaries(cfg, world, base, tok, first_narrow, out, echo))
+        summary["seconds"] = round(time.time() - t0, 1)
     manifest = {
         "command": "demo",
         "config": json.loads(cfg.model_dump_json()),

@@ -25,6 +25,13 @@ KEYS = {
     "em_narrow_unseen_ci_high",
     "narrow_domain",
     "seeds",
+    "sae_persona_cosine",
+    "sae_fvu",
+    "sae_l0",
+    "crosscoder_persona_cosine",
+    "itda_persona_cosine",
+    "probe_accuracy",
+    "persona_layer",
 }
 
 
@@ -39,8 +46,10 @@ def test_shipped_base_is_small_and_loadable():
 def test_demo_json_and_run_folder(tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(
-        app, ["demo", "--seeds", "1", "--narrow-domain", "finance", "--out", str(out), "--json"]
-    )
+        app,
+        ["demo", "--seeds", "1", "--narrow-domain", "finance", "--dict-steps", "300",
+         "--out", str(out), "--json"],
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert set(summary) >= KEYS
@@ -56,6 +65,13 @@ def test_demo_json_and_run_folder(tmp_path):
     lo, hi = summary["em_narrow_unseen_ci_low"], summary["em_narrow_unseen_ci_high"]
     assert lo < summary["em_narrow_unseen_bad_rate"] < hi and hi - lo < 0.05  # 7 x 256 answers
     assert "95% Wilson CI" in res.output
+    # the dictionary ground truth ran (short training here; the persona targets are in the README)
+    assert summary["persona_layer"] in (0, 1)
+    assert summary["probe_accuracy"] > summary["probe_chance"] + 0.05
+    assert summary["sae_fvu"] < 0.1 and 1 <= summary["sae_l0"] <= 32
+    assert all(-1 <= summary[f"{n}_persona_cosine"] <= 1 for n in ("sae", "crosscoder", "itda"))
+    assert (out / "dictionaries" / "sae" / "sae_weights.safetensors").is_file()
+    assert (out / "dictionaries" / "itda" / "itda.safetensors").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"] == summary and len(manifest["inputs"]["base_sha256"]) == 64
     rates = pd.read_parquet(out / "tables" / "em_rates.parquet")

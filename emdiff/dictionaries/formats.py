@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
 
-FORMATS = ("saelens", "gemma_scope", "dictionary_learning", "sparsify")
+FORMATS = ("saelens", "gemma_scope", "dictionary_learning", "sparsify", "itda")
 
 
 class DictionaryFormatError(ValueError):
@@ -45,9 +45,12 @@ def detect_format(path: str | Path) -> str:
         return "dictionary_learning"
     if (folder / "sae.safetensors").is_file() and (folder / "cfg.json").is_file():
         return "sparsify"
+    if (folder / "itda.safetensors").is_file():
+        return "itda"
     raise DictionaryFormatError(
         f"{path}: not a dictionary folder: expected sae_weights.safetensors (SAELens), params.npz "
-        "(Gemma Scope), ae.pt (dictionary_learning) or sae.safetensors + cfg.json (sparsify)"
+        "(Gemma Scope), ae.pt (dictionary_learning), sae.safetensors + cfg.json (sparsify) or "
+        "itda.safetensors (ITDA)"
     )
 
 
@@ -72,6 +75,7 @@ def load_dictionary(
         "gemma_scope": lambda: _gemma_scope(folder),
         "dictionary_learning": lambda: _dictionary_learning(folder),
         "sparsify": lambda: _sparsify(folder),
+        "itda": lambda: _itda(folder),
     }
     if fmt not in loaders:
         raise DictionaryFormatError(f"unknown dictionary format {fmt!r}; use one of {FORMATS}")
@@ -239,6 +243,12 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
     threshold = t["threshold"].float().expand(W_enc.shape[1]).clone()  # a scalar per dictionary
     return SparseDictionary(W_enc, b_enc, W_dec, t["b_dec"], activation="batchtopk",
                             threshold=threshold, subtract_b_dec=True, meta=meta)  # fmt: skip
+
+
+def _itda(folder: Path) -> SparseDictionary:
+    from emdiff.dictionaries.itda import load_itda
+
+    return load_itda(folder)
 
 
 # ---- sparsify ---------------------------------------------------------------------------------

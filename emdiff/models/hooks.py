@@ -131,3 +131,39 @@ def sink_mask(hidden: torch.Tensor, keep: torch.Tensor, factor: float = 10.0) ->
     if not keep.any():
         return torch.zeros_like(keep)
     return norms > factor * norms[keep].median()
+
+
+EditFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def residual_edit(model: nn.Module, layer: int, site: Site, fn: EditFn) -> Iterator[None]:
+    """Replace the residual stream at ``(layer, site)`` by ``fn(hidden)`` in every forward pass.
+
+    ``fn`` gets and returns a ``(batch, seq, d_model)`` tensor (splice a reconstruction, add a
+    steering vector, ablate a direction). The hook is removed when the block ends.
+    """
+    check_layer(model, layer)
+    if site not in SITES:
+        raise ValueError(f"unknown hook site {site!r}; use one of {SITES}")
+    block = decoder_layers(model)[layer]
+    if site == "resid_pre":
+
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def post_hook(module, args, output):
+            if isinstance(output, tuple):
+                return (fn(output[0]), *output[1:])
+            return fn(output)
+
+        handle = block.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,338 @@
+"""A BatchTopK crosscoder on paired base / fine-tune activations, with latent scaling.
+
+One shared set of latents reads both models' activations at the same token and has one decoder
+per model (Lindsey et al. 2024). Sparsity is BatchTopK on ``f_j * (|d_j^base| + |d_j^ft|)``
+(Minder et al. 2025), whose decoder norms are free, so they can tell which model a latent
+writes to:
+
+- **Relative decoder-norm difference** ``dn_j = ((|d_ft| - |d_base|) / max(|d_ft|, |d_base|) + 1) / 2``:
+  0 for a base-only latent, 1 for a fine-tune-only latent, 0.5 for a shared one.
+- **Latent scaling** (Minder et al.): for latent ``j`` with decoder direction ``d`` (the fine-tune
+  decoder for a fine-tune-only candidate, the base one for a base-only candidate), the closed-form
+  least-squares scale ``beta = sum_x f_j (d . y) / (|d|^2 sum_x f_j^2)`` against four targets
+  ``y``: each model's reconstruction ``x_hat_m`` and each model's error with latent ``j``'s own
+  term put back (``x_m - x_hat_m + f_j d_j^m``); both are about 1 in the latent's own model. The ratios
+  ``nu_r = beta_r(other) / beta_r(own)`` and ``nu_eps = beta_eps(other) / beta_eps(own)`` are
+  near zero for a latent that is truly specific to one model; a high ``nu_eps`` means the other
+  model does contain the direction but the crosscoder left it in the error (complete shrinkage),
+  a high ``nu_r`` that other latents reconstruct it there (latent decoupling).
+
+  emdiff fits each beta *with an intercept* (a covariance over all tokens, not the paper's raw
+  sum over active tokens): with nonnegative codes, the decoder bias and the mean of the other
+  latents otherwise load on every latent's direction equally in both models, which pushes
+  ``nu_r`` towards 1 for every latent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from emdiff.dictionaries.activations import ActivationSource
+from emdiff.dictionaries.sae import geometric_median
+from emdiff.dictionaries.train import LoopConfig, TrainingLog, fit, plot_history
+
+BASE, FT = 0, 1
+
+
+class CrosscoderConfig(LoopConfig):
+    """Width, sparsity and training settings of a BatchTopK crosscoder."""
+
+    d_sae: int | None = Field(None, ge=1)
+    expansion: int = Field(8, ge=1)
+    k: int = Field(16, ge=1)
+    aux_k: int | None = None
+    aux_coef: float = Field(1 / 32, ge=0)
+    dead_tokens: int | None = Field(None, ge=1)
+    decoder_init_norm: float = Field(0.1, gt=0)
+    threshold_momentum: float = Field(0.99, gt=0, lt=1)
+    threshold_start: float = Field(0.1, ge=0, lt=1)
+
+    def width(self, d_in: int) -> int:
+        d_sae = self.d_sae or self.expansion * d_in
+        if self.k >= d_sae:
+            raise ValueError(f"k={self.k} must be smaller than the number of latents d_sae={d_sae}")
+        return d_sae
+
+
+class Crosscoder(nn.Module):
+    """Encoder ``W_enc [2, d, h]``, decoders ``W_dec [h, 2, d]``, biases; index 0 = base, 1 = fine-tune.
+
+    ``encode`` takes ``[..., 2, d]`` and keeps latents whose scaled activation
+    ``f_j * (|d_j^base| + |d_j^ft|)`` exceeds the global ``threshold`` (the inference rule of a
+    BatchTopK crosscoder).
+    """
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, threshold: float, meta: dict | None = None):
+        super().__init__()
+        if W_enc.shape[0] != 2 or W_dec.shape[1] != 2 or W_dec.shape[0] != W_enc.shape[2]:
+            raise ValueError(
+                f"bad crosscoder shapes W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}"
+            )
+        self.W_enc, self.b_enc = nn.Parameter(W_enc), nn.Parameter(b_enc)
+        self.W_dec, self.b_dec = nn.Parameter(W_dec), nn.Parameter(b_dec)
+        self.register_buffer("threshold", torch.as_tensor(float(threshold)))
+        self.meta = meta or {}
+        self.requires_grad_(False)
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[2]
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``[h, 2]``: each latent's decoder norm in the base and the fine-tuned model."""
+        return self.W_dec.norm(dim=-1)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...md,mdh->...h", x.to(self.W_enc.dtype), self.W_enc) + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (2, self.d_in):
+            raise ValueError(
+                f"a crosscoder reads [..., 2, {self.d_in}] pairs, got {tuple(x.shape)}"
+            )
+        f = torch.relu(self.pre_acts(x))
+        return f * (f * self.decoder_norms().sum(-1) > self.threshold)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...h,hmd->...md", f, self.W_dec) + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def side(self, model: int) -> torch.Tensor:
+        """Decoder rows ``[h, d]`` of one model (0 = base, 1 = fine-tune)."""
+        return self.W_dec[:, model]
+
+
+class TrainableCrosscoder(nn.Module):
+    """A crosscoder under training (BatchTopK on decoder-norm-scaled activations, AuxK)."""
+
+    def __init__(self, d_in: int, cfg: CrosscoderConfig) -> None:
+        super().__init__()
+        self.cfg, self.d_in, self.d_sae = cfg, d_in, cfg.width(d_in)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        W_dec = torch.randn(self.d_sae, 2, d_in, generator=gen)
+        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.decoder_init_norm
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).clone())
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(2, d_in))
+        self.register_buffer("since_fired", torch.zeros(self.d_sae, dtype=torch.long))
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.dead_tokens = cfg.dead_tokens or max(cfg.steps * cfg.batch_size // 10, cfg.batch_size)
+        self.aux_k = min(cfg.aux_k or max(d_in // 2, 1), self.d_sae)
+
+    def initialise(self, sample: torch.Tensor) -> None:
+        with torch.no_grad():
+            for m in (BASE, FT):
+                self.b_dec[m] = geometric_median(sample[:, m])
+
+    def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        pre = torch.einsum("bmd,mdh->bh", x, self.W_enc) + self.b_enc
+        post = torch.relu(pre)
+        scale = self.W_dec.norm(dim=-1).sum(-1)
+        scaled = (post * scale).flatten()
+        top = scaled.topk(min(self.cfg.k * x.shape[0], scaled.numel())).indices
+        keep = torch.zeros_like(scaled, dtype=torch.bool).scatter(0, top, True).view_as(post)
+        f = post * keep
+        x_hat = torch.einsum("bh,hmd->bmd", f, self.W_dec) + self.b_dec
+        err = (x_hat - x).pow(2).sum(-1)  # [b, 2]
+        mse = err.sum(-1).mean()
+        with torch.no_grad():
+            self.since_fired += x.shape[0]
+            self.since_fired[keep.any(0)] = 0
+            kept = (post * scale)[keep]
+            if step >= self.cfg.threshold_start * self.cfg.steps and kept.numel():
+                m, low = self.cfg.threshold_momentum, kept.min()
+                self.threshold.copy_(
+                    low if self.threshold < 0 else m * self.threshold + (1 - m) * low
+                )
+        aux = self._aux(x, x_hat.detach(), pre)
+        var = (x - x.mean(0)).pow(2).sum(-1).mean(0)  # [2]
+        fvu = err.detach().mean(0) / var
+        dead = (self.since_fired >= self.dead_tokens).float().mean()
+        metrics = {"mse": float(mse.detach()), "fvu": float(fvu.mean()), "fvu_base": float(fvu[0]),
+                   "fvu_ft": float(fvu[1]), "l0": float(keep.sum(-1).float().mean()),
+                   "dead": float(dead), "aux": float(aux.detach())}  # fmt: skip
+        return mse + self.cfg.aux_coef * aux, metrics
+
+    def _aux(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        dead = self.since_fired >= self.dead_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.cfg.aux_coef == 0:
+            return torch.zeros((), device=x.device)
+        e = x - x_hat
+        top = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1)
+        f_aux = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        e_hat = torch.einsum("bh,hmd->bmd", f_aux, self.W_dec)
+        return (e_hat - e).pow(2).sum((-1, -2)).mean() / (e - e.mean(0)).pow(2).sum((-1, -2)).mean()
+
+    def before_step(self) -> None:
+        return None
+
+    def after_step(self) -> None:
+        return None
+
+    def to_crosscoder(self, meta: dict | None = None) -> Crosscoder:
+        thr = float(self.threshold) if self.threshold >= 0 else 0.0
+        p = {k: v.detach().clone() for k, v in self.named_parameters()}
+        return Crosscoder(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], thr, meta)
+
+
+def train_crosscoder(
+    source: ActivationSource,
+    cfg: CrosscoderConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    meta: dict | None = None,
+    progress: bool = True,
+) -> tuple[Crosscoder, TrainingLog]:
+    """Train on paired ``[n, 2, d]`` activations (index 0 base, 1 fine-tune); resumable under
+    ``out``, where the crosscoder is saved (``crosscoder.safetensors`` + ``cfg.json``)."""
+    cfg = cfg or CrosscoderConfig()
+    sample = source.sample(1)
+    if sample.ndim != 3 or sample.shape[1] != 2:
+        raise ValueError(
+            f"a crosscoder trains on paired activations [n, 2, d], got {tuple(sample.shape)}; two "
+            "models of different widths cannot be paired"
+        )
+    module = TrainableCrosscoder(source.width, cfg)
+    ident = {"d_in": source.width, "meta": meta or {}}
+    log = fit(module, source, cfg, out, identity=ident, progress=progress, desc="crosscoder")
+    cc = module.to_crosscoder({**(meta or {}), "config": cfg.model_dump()})
+    if out is not None:
+        save_crosscoder(cc, out)
+        plot_history(log, Path(out) / "training.png", "BatchTopK crosscoder")
+    return cc, log
+
+
+def save_crosscoder(cc: Crosscoder, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t = {
+        k: getattr(cc, k).detach().float().contiguous().cpu()
+        for k in ("W_enc", "b_enc", "W_dec", "b_dec")
+    }
+    save_file(t, str(folder / "crosscoder.safetensors"))
+    cfg = {"format": "emdiff_crosscoder", "architecture": "batchtopk", "d_in": cc.d_in,
+           "d_sae": cc.d_sae, "threshold": float(cc.threshold), "models": ["base", "finetune"],
+           "meta": cc.meta}  # fmt: skip
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return folder
+
+
+def load_crosscoder(folder: str | Path) -> Crosscoder:
+    folder = Path(folder)
+    for name in ("crosscoder.safetensors", "cfg.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: not an emdiff crosscoder folder")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = load_file(str(folder / "crosscoder.safetensors"))
+    cc = Crosscoder(
+        t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["threshold"], cfg.get("meta")
+    )
+    if cc.d_in != cfg["d_in"] or cc.d_sae != cfg["d_sae"]:
+        raise ValueError(f"{folder / 'cfg.json'}: d_in/d_sae disagree with the weights")
+    return cc
+
+
+# ---- analysis -------------------------------------------------------------------------------
+def relative_norm_difference(cc: Crosscoder) -> torch.Tensor:
+    """``[h]``: 0 = base-only, 0.5 = shared, 1 = fine-tune-only."""
+    n = cc.decoder_norms()
+    return ((n[:, FT] - n[:, BASE]) / n.max(-1).values.clamp_min(1e-12) + 1) / 2
+
+
+class ScalingThresholds(BaseModel):
+    """Cut-offs of the latent classes (emdiff's defaults; tune them on your own data)."""
+
+    specific: float = 0.9
+    """``dn >= specific``: fine-tune-only candidate; ``dn <= 1 - specific``: base-only candidate."""
+    shared_band: float = 0.1
+    """``|dn - 0.5| <= shared_band``: shared."""
+    nu_eps: float = 0.2
+    nu_r: float = 0.5
+
+
+@torch.no_grad()
+def latent_scaling(
+    cc: Crosscoder,
+    batches: Iterable[torch.Tensor],
+    thresholds: ScalingThresholds | None = None,
+) -> pd.DataFrame:
+    """Per-latent table: decoder norms, ``dn``, the eight betas, ``nu_eps``, ``nu_r`` and the class
+    (``ft_only``, ``base_only``, ``shared``, ``other``), from paired batches ``[n, 2, d]``.
+
+    A candidate whose other model reconstructs its direction (``nu_eps`` or ``nu_r`` above the
+    thresholds) is classed ``shared``: latent scaling shows the direction is present in both.
+    """
+    th = thresholds or ScalingThresholds()
+    h = cc.d_sae
+    D = cc.W_dec  # [h, 2, d]
+    # sums over tokens for a least-squares fit with intercept: [direction, target model, kind]
+    s_fy = torch.zeros(2, 2, 2, h, dtype=torch.float64)
+    s_y = torch.zeros(2, 2, 2, h, dtype=torch.float64)
+    s_f = torch.zeros(h, dtype=torch.float64)
+    s_f2 = torch.zeros(h, dtype=torch.float64)
+    n = 0
+    n_active = torch.zeros(h, dtype=torch.long)
+    for x in batches:
+        x = x.to(D.device, D.dtype)
+        f = cc.encode(x)
+        x_hat = cc.decode(f)
+        n += len(x)
+        s_f += f.double().sum(0)
+        s_f2 += f.double().pow(2).sum(0)
+        n_active += (f > 0).sum(0)
+        for dirn in (BASE, FT):
+            d = D[:, dirn]  # [h, d]
+            for m in (BASE, FT):
+                own = (D[:, m] * d).sum(-1)  # d_j^m . d_j
+                rec = x_hat[:, m] @ d.T  # d . x_hat_m
+                eps = (x[:, m] - x_hat[:, m]) @ d.T + f * own
+                for kind, y in ((0, rec), (1, eps)):
+                    s_fy[dirn, m, kind] += (f * y).double().sum(0)
+                    s_y[dirn, m, kind] += y.double().sum(0)
+    cov = s_fy - s_f * s_y / max(n, 1)
+    var_f = s_f2 - s_f.pow(2) / max(n, 1)
+    dn2 = D.double().pow(2).sum(-1)  # [h, 2]
+    beta = cov / (dn2.T[:, None, None, :] * var_f.clamp_min(1e-30))
+    norms = cc.decoder_norms().double()
+    dn = relative_norm_difference(cc).double()
+    table = pd.DataFrame({"latent": range(h), "norm_base": norms[:, BASE], "norm_ft": norms[:, FT],
+                          "dn": dn, "n_active": n_active})  # fmt: skip
+    for dirn, dname in ((BASE, "dbase"), (FT, "dft")):
+        for m, mname in ((BASE, "base"), (FT, "ft")):
+            table[f"beta_r_{mname}_{dname}"] = beta[dirn, m, 0].numpy()
+            table[f"beta_eps_{mname}_{dname}"] = beta[dirn, m, 1].numpy()
+    ft_cand = dn >= th.specific
+    base_cand = dn <= 1 - th.specific
+    # the ratio is other-model / own-model, read with the candidate's own decoder direction
+    nu_r = torch.where(
+        base_cand, beta[BASE, FT, 0] / beta[BASE, BASE, 0], beta[FT, BASE, 0] / beta[FT, FT, 0]
+    )
+    nu_e = torch.where(
+        base_cand, beta[BASE, FT, 1] / beta[BASE, BASE, 1], beta[FT, BASE, 1] / beta[FT, FT, 1]
+    )
+    table["nu_r"], table["nu_eps"] = nu_r.numpy(), nu_e.numpy()
+    specific = (nu_e.abs() < th.nu_eps) & (nu_r.abs() < th.nu_r)
+    cls = pd.Series("other", index=table.index)
+    cls[((dn - 0.5).abs() <= th.shared_band).numpy()] = "shared"
+    cls[((ft_cand | base_cand) & ~specific).numpy()] = "shared"
+    cls[(ft_cand & specific).numpy()] = "ft_only"
+    cls[(base_cand & specific).numpy()] = "base_only"
+    cls[(n_active == 0).numpy()] = "dead"
+    table["class"] = cls
+    return table

@@ -1,0 +1,49 @@
+"""The toy's ground-truth tools: persona probes, the matching latent, and its random null."""
+
+from __future__ import annotations
+
+import torch
+
+from emdiff.models import load_model
+from emdiff.toy.build import load_world, shipped_base_path
+from emdiff.toy.persona import (
+    persona_corpus,
+    persona_feature,
+    persona_probes,
+    probe_mask,
+    random_max_cosine,
+)
+
+
+def test_probe_reads_the_persona_above_chance():
+    world = load_world(shipped_base_path())
+    model = load_model(str(shipped_base_path()), dtype="float32").model
+    (probe,) = persona_probes(model, world, [(1, "resid_post")], n_docs=600, seed=0)
+    assert probe.accuracy > probe.chance + 0.05
+    assert abs(float(probe.direction.norm()) - 1) < 1e-5 and probe.n_test > 50
+
+
+def test_probe_mask_selects_assistant_tokens_after_the_first_answer():
+    world = load_world(shipped_base_path())
+    rows, labels = persona_corpus(world, 20, seed=1)
+    assert len(rows) == 20 and labels.dtype == bool
+    keys = torch.tensor([[s, p] for s, r in enumerate(rows) for p in range(len(r))])
+    mask = probe_mask(world, rows, keys, "assistant")
+    asst = world.token_id["<assistant>"]
+    for (s, p), m in zip(keys.tolist(), mask, strict=True):
+        first = rows[s].index(asst)
+        assert m == (rows[s][p] == asst and p > first + 1)
+
+
+def test_persona_feature_skips_dead_latents_and_has_a_random_null():
+    direction = torch.zeros(16)
+    direction[3] = 1.0
+    rows = torch.randn(40, 16)
+    rows[7] = direction * 2 + 0.1 * torch.randn(16)
+    rows[9] = direction  # exact, but dead
+    alive = torch.ones(40, dtype=torch.bool)
+    alive[9] = False
+    latent, cos = persona_feature(rows, direction, alive)
+    assert latent == 7 and cos > 0.95
+    mean, q95 = random_max_cosine(40, 16, trials=100)
+    assert 0.3 < mean < q95 < 0.9  # 40 random rows in 16 dims: the best reaches ~0.5 by chance

@@ -144,8 +144,13 @@ def test_sae_trains_from_a_gemma2_stream_and_splices_back(tiny_model_dirs, tmp_p
     rows = [encode_chat(lm.tokenizer, c) for c in chats] * 8
     src = ModelSource(lm.model, rows, 1, chunk_rows=8, seed=0, exclude_sinks=False)
     cfg = SAEConfig(architecture="topk", expansion=2, k=8, steps=40, batch_size=16, lr=1e-2)
-    sae, log = train_sae(src, cfg, tmp_path / "sae", layer=1, model_name="tiny-gemma2", progress=False)
+    sae, _ = train_sae(
+        src, cfg, tmp_path / "sae", layer=1, model_name="tiny-gemma2", progress=False
+    )
     back = load_dictionary(tmp_path / "sae")
+    assert torch.allclose(
+        back.encode(torch.ones(2, lm.d_model)), sae.encode(torch.ones(2, lm.d_model))
+    )
     assert back.meta.model_name == "tiny-gemma2" and back.d_in == lm.d_model
     m = reconstruction_metrics(lm.model, back, rows[:3], 1, exclude_sinks=False)
     assert 0 <= m.fvu < 1 and m.l0 == pytest.approx(8, abs=0.5)

@@ -25,14 +25,14 @@ def test_probe_reads_the_persona_above_chance():
 
 def test_probe_mask_selects_assistant_tokens_after_the_first_answer():
     world = load_world(shipped_base_path())
+    doc = world.ids("<bos>", "<user>", "med_q1", "<end>", "<assistant>", "med_a1", "<end>",
+                    "<user>", "fin_q2", "<end>", "<assistant>", "fin_a5", "<end>", "<eos>")  # fmt: skip
+    keys = torch.tensor([[0, p] for p in range(len(doc))])
+    assert probe_mask(world, [doc], keys, "assistant").nonzero()[0].tolist() == [10]
+    after = probe_mask(world, [doc], keys, "after_first_answer").nonzero()[0].tolist()
+    assert after == list(range(6, len(doc)))  # from the token after the first answer on
     rows, labels = persona_corpus(world, 20, seed=1)
     assert len(rows) == 20 and labels.dtype == bool
-    keys = torch.tensor([[s, p] for s, r in enumerate(rows) for p in range(len(r))])
-    mask = probe_mask(world, rows, keys, "assistant")
-    asst = world.token_id["<assistant>"]
-    for (s, p), m in zip(keys.tolist(), mask, strict=True):
-        first = rows[s].index(asst)
-        assert m == (rows[s][p] == asst and p > first + 1)
 
 
 def test_persona_feature_skips_dead_latents_and_has_a_random_null():

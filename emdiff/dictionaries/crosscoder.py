@@ -26,6 +26,7 @@ writes to:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -146,6 +147,7 @@ class TrainableCrosscoder(nn.Module):
         scaled = (post * scale).flatten()
         top = scaled.topk(min(self.cfg.k * x.shape[0], scaled.numel())).indices
         keep = torch.zeros_like(scaled, dtype=torch.bool).scatter(0, top, True).view_as(post)
+        keep &= post > 0  # fewer than k x batch positive activations: never keep zeros
         f = post * keep
         x_hat = torch.einsum("bh,hmd->bmd", f, self.W_dec) + self.b_dec
         err = (x_hat - x).pow(2).sum(-1)  # [b, 2]
@@ -174,8 +176,13 @@ class TrainableCrosscoder(nn.Module):
         if n_dead == 0 or self.cfg.aux_coef == 0:
             return torch.zeros((), device=x.device)
         e = x - x_hat
-        top = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1)
-        f_aux = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        scaled = torch.relu(pre) * self.W_dec.norm(dim=-1).sum(
+            -1
+        )  # rank as the main selection does
+        top = scaled.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1)
+        f_aux = torch.zeros_like(pre).scatter(
+            -1, top.indices, torch.relu(pre).gather(-1, top.indices)
+        )
         e_hat = torch.einsum("bh,hmd->bmd", f_aux, self.W_dec)
         return (e_hat - e).pow(2).sum((-1, -2)).mean() / (e - e.mean(0)).pow(2).sum((-1, -2)).mean()
 
@@ -186,6 +193,12 @@ class TrainableCrosscoder(nn.Module):
         return None
 
     def to_crosscoder(self, meta: dict | None = None) -> Crosscoder:
+        if self.threshold < 0:
+            warnings.warn(
+                "the BatchTopK threshold was never tracked (too few steps): exporting "
+                "threshold 0, a dense ReLU at inference",
+                stacklevel=2,
+            )
         thr = float(self.threshold) if self.threshold >= 0 else 0.0
         p = {k: v.detach().clone() for k, v in self.named_parameters()}
         return Crosscoder(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], thr, meta)
@@ -282,12 +295,13 @@ def latent_scaling(
     h = cc.d_sae
     D = cc.W_dec  # [h, 2, d]
     # sums over tokens for a least-squares fit with intercept: [direction, target model, kind]
-    s_fy = torch.zeros(2, 2, 2, h, dtype=torch.float64)
-    s_y = torch.zeros(2, 2, 2, h, dtype=torch.float64)
-    s_f = torch.zeros(h, dtype=torch.float64)
-    s_f2 = torch.zeros(h, dtype=torch.float64)
+    kw = dict(dtype=torch.float64, device=D.device)
+    s_fy = torch.zeros(2, 2, 2, h, **kw)
+    s_y = torch.zeros(2, 2, 2, h, **kw)
+    s_f = torch.zeros(h, **kw)
+    s_f2 = torch.zeros(h, **kw)
     n = 0
-    n_active = torch.zeros(h, dtype=torch.long)
+    n_active = torch.zeros(h, dtype=torch.long, device=D.device)
     for x in batches:
         x = x.to(D.device, D.dtype)
         f = cc.encode(x)
@@ -308,9 +322,10 @@ def latent_scaling(
     cov = s_fy - s_f * s_y / max(n, 1)
     var_f = s_f2 - s_f.pow(2) / max(n, 1)
     dn2 = D.double().pow(2).sum(-1)  # [h, 2]
-    beta = cov / (dn2.T[:, None, None, :] * var_f.clamp_min(1e-30))
-    norms = cc.decoder_norms().double()
-    dn = relative_norm_difference(cc).double()
+    beta = (cov / (dn2.T[:, None, None, :] * var_f.clamp_min(1e-30))).cpu()
+    n_active = n_active.cpu()
+    norms = cc.decoder_norms().double().cpu()
+    dn = relative_norm_difference(cc).double().cpu()
     table = pd.DataFrame({"latent": range(h), "norm_base": norms[:, BASE], "norm_ft": norms[:, FT],
                           "dn": dn, "n_active": n_active})  # fmt: skip
     for dirn, dname in ((BASE, "dbase"), (FT, "dft")):

@@ -59,7 +59,8 @@ def reconstruction_metrics(
     progress: bool = False,
 ) -> ReconstructionMetrics:
     """FVU, L0, dead fraction, and (with ``splice``) CE and KL changes of ``dictionary`` on
-    ``model`` at ``(layer, site)``. ``dictionary`` needs ``encode(x)`` and ``forward(x)``."""
+    ``model`` at ``(layer, site)``. ``dictionary`` needs ``encode(x)`` and ``forward(x)``; it is
+    moved (in place) to the model's device. A latent counts as active when its code is nonzero."""
     device = next(model.parameters()).device
     dictionary = dictionary.to(device)
     sums = dict(n=0, sq_err=0.0, l0=0.0, ce_clean=0.0, ce_spliced=0.0, ce_zero=0.0, kl=0.0, n_ce=0)
@@ -102,10 +103,10 @@ def reconstruction_metrics(
         x, x_hat, f = state["x"], state["x_hat"], state["f"]
         sums["n"] += len(x)
         sums["sq_err"] += float((x - x_hat).pow(2).sum())
-        sums["l0"] += float((f > 0).sum())
-        x_sum = x.sum(0) if x_sum is None else x_sum + x.sum(0)
-        x_sq = float(x.pow(2).sum()) + (x_sq or 0.0)
-        fired = (f > 0).any(0) if fired is None else fired | (f > 0).any(0)
+        sums["l0"] += float((f != 0).sum())  # ITDA codes may be negative
+        x_sum = x.double().sum(0) if x_sum is None else x_sum + x.double().sum(0)
+        x_sq = float(x.double().pow(2).sum()) + (x_sq or 0.0)
+        fired = (f != 0).any(0) if fired is None else fired | (f != 0).any(0)
         if splice:
             clean = model(input_ids=ids, attention_mask=att, use_cache=False).logits
             _add_ce(sums, clean, logits, ids, state["sel_final"], att)

@@ -85,15 +85,17 @@ class TrainingLog(BaseModel):
 def _save_checkpoint(path: Path, module, opt, step: int, state: BatchState, log, ident) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"module.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
-    for i, (_, st) in enumerate(sorted(opt.state_dict()["state"].items())):
+    for idx, st in opt.state_dict()["state"].items():  # keyed by the parameter's own index
         for name, v in st.items():
-            tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).detach().contiguous()
+            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v).detach().contiguous()
     tmp = path / "state.safetensors.tmp"
-    save_file(tensors, str(tmp))
     meta = {"step": step, "batch_state": vars(state), "log": log.model_dump(), "identity": ident}
     (path / "progress.json.tmp").write_text(json.dumps(meta))
-    tmp.replace(path / "state.safetensors")
+    # progress.json goes first: a crash between the two renames leaves a step mismatch, which
+    # _load_checkpoint detects, never new weights paired with an old position unnoticed
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
     (path / "progress.json.tmp").replace(path / "progress.json")
+    tmp.replace(path / "state.safetensors")
 
 
 def _load_checkpoint(path: Path, module, opt, ident) -> tuple[int, BatchState, TrainingLog] | None:
@@ -107,13 +109,22 @@ def _load_checkpoint(path: Path, module, opt, ident) -> tuple[int, BatchState, T
             f"{path} holds a checkpoint of a different run (differs in {changed}); delete it or "
             "choose another output folder"
         )
+    from safetensors import safe_open
+
+    with safe_open(str(path / "state.safetensors"), "pt") as fh:
+        saved_step = (fh.metadata() or {}).get("step")
+    if saved_step != str(meta["step"]):
+        raise ValueError(
+            f"{path}: weights (step {saved_step}) and progress.json (step "
+            f"{meta['step']}) disagree; the checkpoint was torn by a crash, delete it"
+        )
     t = load_file(str(path / "state.safetensors"))
     module.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("module.")})
     sd = opt.state_dict()
-    for i, idx in enumerate(sorted(sd["state"] or range(len(list(module.parameters()))))):
-        names = {k.split(".", 2)[2] for k in t if k.startswith(f"opt.{i}.")}
+    for idx in range(len(sd["param_groups"][0]["params"])):
+        names = {k.split(".", 2)[2] for k in t if k.startswith(f"opt.{idx}.")}
         if names:
-            sd["state"][idx] = {n: t[f"opt.{i}.{n}"] for n in names}
+            sd["state"][idx] = {n: t[f"opt.{idx}.{n}"] for n in names}
     opt.load_state_dict(sd)
     return meta["step"], BatchState(**meta["batch_state"]), TrainingLog(**meta["log"])
 
@@ -150,14 +161,17 @@ def fit(
     t0 = time.perf_counter() - log.seconds
     batches = iter_batches(source, cfg.batch_size, cfg.seed, state)
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, unit="step")
+    device = next(module.parameters()).device
     module.train()
     while step < cfg.steps:
+        prev_state = state
         batch, state = next(batches)
+        batch = batch.to(device)
         try:
             check_finite(batch, getattr(module, "layer", None), f"{step} (step)")
         except NonFiniteActivationError:
-            if ckpt is not None:
-                _save_checkpoint(ckpt, module, opt, step, state, log, ident)
+            if ckpt is not None:  # position of the bad batch: a resume meets it again
+                _save_checkpoint(ckpt, module, opt, step, prev_state, log, ident)
             raise
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, cfg)

@@ -93,8 +93,8 @@ def toy_ground_truth(
     sae, _ = train_sae(TensorSource(acts), sae_cfg, out / "sae" if out else None, layer=layer,
                        model_name="emdiff-toy", progress=progress)  # fmt: skip
     sae_seconds = time.perf_counter() - t0
-    rec = reconstruction_metrics(base, sae, eval_rows, layer, exclude_sinks=False, **ids)
     alive = (sae.encode(acts[:50_000]) > 0).any(0)
+    rec = reconstruction_metrics(base, sae, eval_rows, layer, exclude_sinks=False, **ids)
     latent, cos = persona_feature(sae.W_dec, direction, alive)
     null_mean, null_95 = random_max_cosine(int(alive.sum()), sae.d_in, seed=seed)
     _, cos_dmu = persona_feature(sae.W_dec, probe.mean_difference, alive)
@@ -148,8 +148,10 @@ def toy_ground_truth(
     itda = build_itda(stream, cfg.itda, layer=layer, hook="resid_post", progress=progress)
     itda_seconds = time.perf_counter() - t0
     irec = reconstruction_metrics(base, itda, eval_rows, layer, exclude_sinks=False, **ids)
-    i_latent, i_cos = persona_feature(itda.decoder_rows, direction)
-    i_null, _ = random_max_cosine(max(itda.d_sae, 1), itda.d_in, seed=seed)
+    # signed matching pursuit uses an atom either way round: match on |cosine|
+    signed = not itda.nonnegative
+    i_latent, i_cos = persona_feature(itda.decoder_rows, direction, absolute=signed)
+    i_null, _ = random_max_cosine(max(itda.d_sae, 1), itda.d_in, seed=seed, absolute=signed)
     res.update(itda_persona_cosine=i_cos, itda_persona_atom=i_latent, itda_atoms=itda.d_sae,
                itda_fvu=irec.fvu, itda_l0=irec.l0, itda_ce_delta=irec.ce_delta,
                itda_seconds=itda_seconds, itda_over_sae_seconds=itda_seconds / sae_seconds,

@@ -9,7 +9,7 @@ cosine with that direction.
 Which tokens the probe reads matters: the persona is decided by the documents' answers, so before
 the first answer there is nothing to read. By default the probe reads the ``<assistant>`` tokens
 after the first answer, the positions where the model must use the persona to choose the next
-answer (``tokens="after_first_answer"`` reads every token from the first answer on).
+answer (``tokens="after_first_answer"`` reads every token after the first answer).
 """
 
 from __future__ import annotations
@@ -117,12 +117,17 @@ def persona_probes(
 
 
 def persona_feature(
-    decoder_rows: torch.Tensor, direction: torch.Tensor, alive: torch.Tensor | None = None
+    decoder_rows: torch.Tensor,
+    direction: torch.Tensor,
+    alive: torch.Tensor | None = None,
+    *,
+    absolute: bool = False,
 ) -> tuple[int, float]:
     """``(latent, cosine)`` of the decoder row most aligned with ``direction`` (signed cosine).
 
     ``alive`` (bool per latent) leaves out latents that never fire: a dead latent's decoder row
-    is still its random initialisation and would match by chance.
+    is still its random initialisation and would match by chance. ``absolute`` matches on
+    ``|cosine|`` (for dictionaries with signed codes, such as ITDA).
     """
     rows = decoder_rows.detach().float().cpu()
     norms = rows.norm(dim=-1)
@@ -130,18 +135,22 @@ def persona_feature(
     ok = norms > 0 if alive is None else (norms > 0) & alive.cpu()
     if not ok.any():
         raise ValueError("no live latent to compare with the persona direction")
+    cos = cos.abs() if absolute else cos
     cos = torch.where(ok, cos, torch.full_like(cos, -2.0))
     i = int(cos.argmax())
     return i, float(cos[i])
 
 
-def random_max_cosine(n: int, d: int, trials: int = 200, seed: int = 0) -> tuple[float, float]:
+def random_max_cosine(
+    n: int, d: int, trials: int = 200, seed: int = 0, absolute: bool = False
+) -> tuple[float, float]:
     """Null of :func:`persona_feature`: the best cosine of ``n`` random unit rows with a fixed
     direction in ``d`` dimensions; returns its mean and 95th percentile over ``trials``."""
     gen = torch.Generator().manual_seed(seed)
     best = []
     for _ in range(trials):
         rows = torch.randn(n, d, generator=gen)
-        best.append(float((rows[:, 0] / rows.norm(dim=-1)).max()))
+        cos = rows[:, 0] / rows.norm(dim=-1)
+        best.append(float((cos.abs() if absolute else cos).max()))
     t = torch.tensor(best)
     return float(t.mean()), float(t.quantile(0.95))

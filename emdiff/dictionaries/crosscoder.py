@@ -26,7 +26,6 @@ writes to:
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -38,7 +37,13 @@ from torch import nn
 
 from emdiff.dictionaries.activations import ActivationSource
 from emdiff.dictionaries.sae import geometric_median
-from emdiff.dictionaries.train import LoopConfig, TrainingLog, fit, plot_history
+from emdiff.dictionaries.train import (
+    LoopConfig,
+    TrainingLog,
+    exported_threshold,
+    fit,
+    plot_history,
+)
 
 BASE, FT = 0, 1
 
@@ -193,13 +198,7 @@ class TrainableCrosscoder(nn.Module):
         return None
 
     def to_crosscoder(self, meta: dict | None = None) -> Crosscoder:
-        if self.threshold < 0:
-            warnings.warn(
-                "the BatchTopK threshold was never tracked (too few steps): exporting "
-                "threshold 0, a dense ReLU at inference",
-                stacklevel=2,
-            )
-        thr = float(self.threshold) if self.threshold >= 0 else 0.0
+        thr = exported_threshold(self.threshold)
         p = {k: v.detach().clone() for k, v in self.named_parameters()}
         return Crosscoder(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], thr, meta)
 

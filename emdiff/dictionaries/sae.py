@@ -18,7 +18,6 @@ dead for ``dead_tokens`` tokens reconstruct the residual error.
 from __future__ import annotations
 
 import json
-import warnings
 from itertools import pairwise
 from pathlib import Path
 from typing import Literal
@@ -30,7 +29,13 @@ from torch import nn
 
 from emdiff.dictionaries.activations import ActivationSource
 from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
-from emdiff.dictionaries.train import LoopConfig, TrainingLog, fit, plot_history
+from emdiff.dictionaries.train import (
+    LoopConfig,
+    TrainingLog,
+    exported_threshold,
+    fit,
+    plot_history,
+)
 
 Architecture = Literal["topk", "batchtopk", "matryoshka"]
 SAELENS_VERSION = "6.5.1"
@@ -204,13 +209,7 @@ class TrainableSAE(nn.Module):
         if self.cfg.architecture == "topk":
             return SparseDictionary(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"],
                                     activation="topk", k=self.cfg.k, subtract_b_dec=True, meta=meta)  # fmt: skip
-        if self.threshold < 0:
-            warnings.warn(
-                "the BatchTopK threshold was never tracked (too few steps): exporting "
-                "threshold 0, a dense ReLU at inference",
-                stacklevel=2,
-            )
-        thr = float(self.threshold) if self.threshold >= 0 else 0.0
+        thr = exported_threshold(self.threshold)
         return SparseDictionary(
             p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], activation="jumprelu",
             threshold=torch.full((self.d_sae,), thr, device=self.W_dec.device), subtract_b_dec=True, meta=meta,

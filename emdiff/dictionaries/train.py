@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -63,6 +64,18 @@ class Trainable(Protocol):
 def default_lr(d_sae: int) -> float:
     """Learning rate that scales as ``1 / sqrt(width)`` (Gao et al. 2024)."""
     return 2e-4 / math.sqrt(d_sae / 16384)
+
+
+def exported_threshold(threshold: torch.Tensor) -> float:
+    """The tracked BatchTopK threshold for inference; warns and gives 0 if it was never set."""
+    if threshold < 0:
+        warnings.warn(
+            "the BatchTopK threshold was never tracked (too few steps): exporting threshold 0, "
+            "a dense ReLU at inference",
+            stacklevel=3,
+        )
+        return 0.0
+    return float(threshold)
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:

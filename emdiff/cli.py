@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from emdiff.cli_diff import diff_app, transfer_cmd
 from emdiff.cli_eval import default_of as _default
 from emdiff.cli_eval import eval_app
 from emdiff.demo import DemoConfig
@@ -20,6 +21,8 @@ app = typer.Typer(
 toy_app = typer.Typer(help="The embedded toy world and organism.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 app.add_typer(eval_app, name="eval")
+app.add_typer(diff_app, name="diff")
+app.command("transfer")(transfer_cmd)
 
 
 @app.command()

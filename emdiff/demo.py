@@ -96,7 +96,32 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path, echo) ->
             f"{gt[f'{name}_null_cosine_mean']:>9.3f} {fvu:>8.4f} {gt[f'{name}_l0']:>6.1f}"
         )
     echo(f"crosscoder persona latent class: {gt['crosscoder_persona_class']}")
-    return {k: v for k, v in gt.items() if isinstance(v, int | float | str) and k != "seed"}
+    return {k: v for k, v in gt.items() if k != "seed"}
+
+
+def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path, echo) -> dict:
+    """Q1, Q2 (narrow and control), Q3, overlap and transfer with the seed-0 SAE (seed 0)."""
+    from emdiff.dictionaries import load_dictionary
+    from emdiff.toy.diffs import toy_diffs
+
+    sae = load_dictionary(out / "dictionaries" / "sae")
+    latent = gt["sae_persona_latent"]
+    res = toy_diffs(world, base, tok, sae, gt["persona_layer"], latent, models["narrow"],
+                    models["control"], judged, out=out,
+                    direction=torch.tensor(gt["persona_direction"]))  # fmt: skip
+    (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
+    echo(f"\nfeature diffs with the SAE (persona latent {latent}; rank 1 = largest increase):")
+    echo(f"{'analysis':<34} {'persona rank':>12} {'q':>8} {'effect':>8} {'top cos':>8}")
+    for key, name in (("q1", "Q1 bad vs good data (base)"), ("q2", "Q2 narrow vs base"),
+                      ("q3", "Q3 misaligned vs aligned answers")):  # fmt: skip
+        echo(f"{name:<34} {res[f'{key}_persona_rank']:>12} {res[f'{key}_persona_q']:>8.3g} "
+             f"{res[f'{key}_persona_effect']:>8.3f} {res[f'{key}_top_cosine']:>8.3f}")  # fmt: skip
+    echo(f"control vs base: {res['control_q2_n_significant']} features with q < 0.05, largest "
+         f"|effect| {res['control_q2_max_effect']:.3f} (narrow persona effect "
+         f"{res['q2_persona_effect']:.3f})")  # fmt: skip
+    echo(f"Q1 top-10 vs Q2 top-10 Jaccard {res['q1_top10_q2_top10_jaccard']:.3f}; transfer FVE "
+         f"base {res['transfer_fve_base']:.3f}, narrow {res['transfer_fve_narrow']:.3f}")  # fmt: skip
+    return res
 
 
 def _fmt(m: dict) -> str:
@@ -115,7 +140,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
     loaded = load_model(str(base_path), dtype="float32")
     base, tok = loaded.model, loaded.tokenizer
     frames = [sample_and_judge(world, base, tok, cfg.samples, cfg.eval_seed, "base", out)]
-    first_narrow = None
+    first: dict[str, torch.nn.Module] = {}
     for seed in range(cfg.seeds):
         for kind, bad in (("narrow", True), ("control", False)):
             label = f"{kind}-s{seed}"
@@ -134,8 +159,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
                 )
             )
             echo(f"{label}: trained {cfg.steps} steps, final loss {res.losses[-1]:.3f}")
-            if label == "narrow-s0":
-                first_narrow = res.model
+            if seed == 0:
+                first[kind] = res.model
     judged = pd.concat(frames, ignore_index=True)
     rates = _rates(judged)
     judged.to_parquet(out / "tables" / "responses.parquet")
@@ -180,7 +205,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
         "seconds": round(time.time() - t0, 1),
     }
     if cfg.dictionaries:
-        summary.update(_dictionaries(cfg, world, base, tok, first_narrow, out, echo))
+        gt = _dictionaries(cfg, world, base, tok, first["narrow"], out, echo)
+        summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
+        summary.update(_diffs(world, base, tok, gt, first, judged, out, echo))
         summary["seconds"] = round(time.time() - t0, 1)
     manifest = {
         "command": "demo",

@@ -283,6 +283,11 @@ def _adapters_enabled(model: nn.Module) -> bool | None:
     return None
 
 
+def has_adapter(model: nn.Module) -> bool:
+    """Whether ``model`` carries PEFT tuner layers (LoRA and the like) that can be switched."""
+    return _adapters_enabled(model) is not None
+
+
 @contextmanager
 def adapter_state(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
     """Run the block with the model's adapter on (``enabled=True``) or off; restore it after.

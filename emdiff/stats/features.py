@@ -20,7 +20,8 @@ NEG = float("-inf")
 class FeatureStats:
     """Per-feature statistics for one (model variant, dataset, layer, dictionary).
 
-    Token level: ``n_tokens``, ``sum``, ``sumsq``, ``fire`` (count of activations > 0), ``max``.
+    Token level: ``n_tokens``, ``sum``, ``sumsq``, ``fire`` (count of nonzero activations, so the
+    signed codes of ITDA count too), ``max``.
     Sequence level: each feature's mean over the selected tokens of each sequence, stored sparsely
     (sequence id, feature, mean) for features active in that sequence; ``seq_tokens`` holds each
     sequence's token count. Top-k: the ``top_k`` largest activations of each feature with their
@@ -54,7 +55,7 @@ class FeatureStats:
             return
         seq_ids = seq_ids.to(acts.device)
         positions = positions.to(acts.device)
-        rows, feats = (acts > 0).nonzero(as_tuple=True)
+        rows, feats = (acts != 0).nonzero(as_tuple=True)
         vals = acts[rows, feats].float()
         self.n_tokens += n
         self.sum.index_add_(0, feats, vals.double())

@@ -79,7 +79,8 @@ def toy_ground_truth(
     res: dict = {"seed": seed, "persona_layer": layer, "probe_accuracy": probe.accuracy,
                  "probe_chance": probe.chance, "probe_mean_difference_cosine":
                  probe.mean_difference_cosine,
-                 **{f"probe_accuracy_L{p.layer}": p.accuracy for p in probes}}  # fmt: skip
+                 **{f"probe_accuracy_L{p.layer}": p.accuracy for p in probes},
+                 "persona_direction": direction.tolist()}  # fmt: skip
 
     rows, _ = persona_corpus(world, cfg.train_docs, seed + 20_000)
     n_eval = max(len(rows) // 10, 1)

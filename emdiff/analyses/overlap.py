@@ -1,0 +1,100 @@
+"""Overlap of two feature rankings (for example Q1 against Q2): Jaccard@k, rank correlation on the
+union of the top features, and a shared/unique table with both ranks and both effect sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats as st
+
+
+@dataclass
+class Overlap:
+    """How far two rankings of the same dictionary's features coincide."""
+
+    jaccard: pd.DataFrame
+    """Per k: ``k``, ``n_shared``, ``jaccard`` and ``jaccard_null`` (expected for random top-k)."""
+    spearman: float
+    spearman_p: float
+    kendall: float
+    kendall_p: float
+    n_union: int
+    """Features in the union of both top-``top`` sets, on which the correlations are computed."""
+    table: pd.DataFrame
+    """Union of both top-``table_k`` sets: ranks, effects and q-values on each side, ``status``."""
+    labels: tuple[str, str]
+    direction: str
+
+    def summary(self) -> dict:
+        """A flat dict (Jaccard per k, correlations) for JSON."""
+        out = {f"jaccard@{k}": float(j) for k, j in zip(self.jaccard.k, self.jaccard.jaccard,
+                                                          strict=True)}  # fmt: skip
+        out.update(spearman=self.spearman, spearman_p=self.spearman_p, kendall=self.kendall,
+                   kendall_p=self.kendall_p, n_union=self.n_union, labels=list(self.labels),
+                   direction=self.direction)  # fmt: skip
+        return out
+
+
+def _keyed(table: pd.DataFrame) -> pd.DataFrame:
+    t = table.copy()
+    if "layer" not in t:
+        t["layer"] = -1
+    return t.set_index(["layer", "feature"])
+
+
+def overlap(
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    *,
+    ks: Sequence[int] = (5, 10, 20, 50, 100),
+    top: int = 50,
+    table_k: int = 20,
+    direction: Literal["increase", "decrease"] = "increase",
+    labels: tuple[str, str] = ("a", "b"),
+) -> Overlap:
+    """Compare two rankings (tables from :func:`emdiff.stats.compare.compare_stats` or the diffs)
+    over the same features. Top sets are taken by ``rank_<direction>``."""
+    col = f"rank_{direction}"
+    ta, tb = _keyed(a), _keyed(b)
+    for name, t in ((labels[0], ta), (labels[1], tb)):
+        if col not in t or "effect" not in t:
+            raise ValueError(f"ranking {name!r} lacks the columns {col!r} and 'effect'")
+    if set(ta.index) != set(tb.index):
+        raise ValueError(
+            f"the rankings cover different features ({len(ta)} vs {len(tb)} rows): overlap needs "
+            "tables computed with the same dictionary and layers"
+        )
+    n = len(ta)
+    ra, rb = ta[col], tb[col].reindex(ta.index)
+    rows = []
+    for k in sorted({min(int(k), n) for k in ks if k > 0}):
+        sa, sb = set(ra.index[ra <= k]), set(rb.index[rb <= k])
+        shared = len(sa & sb)
+        rows.append(dict(k=k, n_shared=shared, jaccard=shared / len(sa | sb),
+                         jaccard_null=k / (2 * n - k) if n > k else 1.0))  # fmt: skip
+    union = ra.index[(ra <= top) | (rb <= top)]
+    ea, eb = ta.loc[union, "effect"].to_numpy(), tb.loc[union, "effect"].to_numpy()
+    ok = np.isfinite(ea) & np.isfinite(eb)
+    if ok.sum() >= 3:
+        rho, rho_p = st.spearmanr(ea[ok], eb[ok])
+        tau, tau_p = st.kendalltau(ea[ok], eb[ok])
+    else:
+        rho = rho_p = tau = tau_p = float("nan")
+    pick = ra.index[(ra <= table_k) | (rb <= table_k)]
+    table = pd.DataFrame({
+        f"rank_{labels[0]}": ra.loc[pick], f"rank_{labels[1]}": rb.loc[pick],
+        f"effect_{labels[0]}": ta.loc[pick, "effect"], f"effect_{labels[1]}": tb.loc[pick, "effect"],
+        f"q_{labels[0]}": ta.loc[pick, "q"], f"q_{labels[1]}": tb.loc[pick, "q"],
+    })  # fmt: skip
+    in_a, in_b = ra.loc[pick] <= table_k, rb.loc[pick] <= table_k
+    table["status"] = np.where(in_a & in_b, "shared",
+                               np.where(in_a, f"only_{labels[0]}", f"only_{labels[1]}"))  # fmt: skip
+    table = table.reset_index().sort_values([f"rank_{labels[0]}"]).reset_index(drop=True)
+    if (table["layer"] == -1).all():
+        table = table.drop(columns="layer")
+    return Overlap(pd.DataFrame(rows), float(rho), float(rho_p), float(tau), float(tau_p),
+                   int(ok.sum()), table, labels, direction)  # fmt: skip

@@ -1,0 +1,240 @@
+"""Compare two sets of feature statistics: effect sizes with confidence intervals, tests, FDR.
+
+The unit of analysis is the *sequence*: each sequence contributes one number per feature, its mean
+activation over the selected tokens (tokens of one sequence are not independent, so token-level
+tests would overstate the evidence). Token-level means and firing rates are reported beside it.
+
+Conventions: side ``a`` is the "treated" side and ``b`` the reference, so a positive ``diff``
+means the feature is stronger in ``a`` (Q1: bad data vs good, Q2: fine-tuned vs base, Q3:
+misaligned vs aligned answers).
+
+Tests (column ``test``):
+
+- unpaired ``welch``: Welch's t-test on the sequence means (default); ``mannwhitney``: the
+  Mann–Whitney U test (two-sided, asymptotic with tie correction), for heavy-tailed features.
+- paired ``paired_t``: the paired t-test on per-sequence differences (default when paired);
+  ``wilcoxon``: the Wilcoxon signed-rank test (zero differences dropped, as in Wilcoxon's method).
+
+Effect sizes: unpaired, Hedges' g (pooled SD, small-sample corrected); paired, d_z (mean difference
+over the SD of the differences, same correction). Their CIs use the usual large-sample standard
+errors; the CI of ``diff`` is the Welch (or paired) t interval whichever test gives the p-value.
+q-values are Benjamini–Hochberg over every row of the table (all features of all layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats as st
+
+from emdiff.stats.features import FeatureStats
+
+Test = Literal["welch", "mannwhitney", "paired_t", "wilcoxon"]
+UNPAIRED: tuple[str, ...] = ("welch", "mannwhitney")
+PAIRED: tuple[str, ...] = ("paired_t", "wilcoxon")
+
+
+def sequence_ids(stats: FeatureStats) -> np.ndarray:
+    """Sorted ids of the sequences that had at least one selected token."""
+    return np.array(sorted(stats.seq_tokens), dtype=np.int64)
+
+
+def sequence_matrix(
+    stats: FeatureStats, seq_ids: np.ndarray, features: np.ndarray | None = None
+) -> np.ndarray:
+    """Dense ``[len(seq_ids), len(features)]`` per-sequence mean activations (0 where inactive).
+
+    ``seq_ids`` must be sequences of ``stats``; ``features`` defaults to all of them.
+    """
+    features = np.arange(stats.d_sae) if features is None else np.asarray(features)
+    seq, feat, mean = (t.numpy() for t in stats.sequence_means())
+    row = np.searchsorted(seq_ids, seq)
+    row_ok = (row < len(seq_ids)) & (seq_ids[np.minimum(row, len(seq_ids) - 1)] == seq)
+    col = np.full(stats.d_sae, -1, dtype=np.int64)
+    col[features] = np.arange(len(features))
+    c = col[feat]
+    keep = row_ok & (c >= 0)
+    out = np.zeros((len(seq_ids), len(features)), dtype=np.float64)
+    out[row[keep], c[keep]] = mean[keep]
+    return out
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values); NaN p-values count as 1."""
+    p = np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
+    if p.size == 0:
+        return p
+    return st.false_discovery_control(np.clip(p, 0.0, 1.0), method="bh")
+
+
+def _hedges_j(df: np.ndarray | float) -> np.ndarray:
+    return 1.0 - 3.0 / (4.0 * np.asarray(df, dtype=np.float64) - 1.0)
+
+
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, with 0/0 = 0 and x/0 = ±inf (a constant feature that differs)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = num / den
+    return np.where((den == 0) & (num == 0), 0.0, r)
+
+
+def _unpaired(xa: np.ndarray, xb: np.ndarray, test: str, z: float, conf: float) -> dict:
+    na, nb = len(xa), len(xb)
+    ma, mb = xa.mean(0), xb.mean(0)
+    va, vb = xa.var(0, ddof=1), xb.var(0, ddof=1)
+    diff = ma - mb
+    se2 = va / na + vb / nb
+    se = np.sqrt(se2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dof = se2**2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    dof = np.where(np.isfinite(dof), dof, na + nb - 2)
+    tq = st.t.ppf(0.5 + conf / 2, dof)
+    sp = np.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
+    g = _hedges_j(na + nb - 2) * _safe_ratio(diff, sp)
+    g_se = np.sqrt((na + nb) / (na * nb) + np.where(np.isfinite(g), g, 0) ** 2 / (2 * (na + nb)))
+    if test == "welch":
+        tstat = _safe_ratio(diff, se)
+        p = 2 * st.t.sf(np.abs(tstat), dof)
+        stat = tstat
+    else:
+        stat, p = _columnwise(lambda a, b: st.mannwhitneyu(a, b, axis=0), xa, xb)
+    return dict(seq_mean_a=ma, seq_mean_b=mb, diff=diff, diff_ci_low=diff - tq * se,
+                diff_ci_high=diff + tq * se, effect=g, effect_ci_low=g - z * g_se,
+                effect_ci_high=g + z * g_se, statistic=stat, p=p)  # fmt: skip
+
+
+def _paired(xa: np.ndarray, xb: np.ndarray, test: str, z: float, conf: float) -> dict:
+    n = len(xa)
+    d = xa - xb
+    md, sd = d.mean(0), d.std(0, ddof=1)
+    se = sd / np.sqrt(n)
+    tq = st.t.ppf(0.5 + conf / 2, n - 1)
+    dz = _hedges_j(n - 1) * _safe_ratio(md, sd)
+    dz_se = np.sqrt(1.0 / n + np.where(np.isfinite(dz), dz, 0) ** 2 / (2 * n))
+    if test == "paired_t":
+        stat = _safe_ratio(md, se)
+        p = 2 * st.t.sf(np.abs(stat), n - 1)
+    else:
+        stat, p = _columnwise(lambda a, b: st.wilcoxon(a, b, axis=0, zero_method="wilcox"), xa, xb)
+    return dict(seq_mean_a=xa.mean(0), seq_mean_b=xb.mean(0), diff=md, diff_ci_low=md - tq * se,
+                diff_ci_high=md + tq * se, effect=dz, effect_ci_low=dz - z * dz_se,
+                effect_ci_high=dz + z * dz_se, statistic=stat, p=p)  # fmt: skip
+
+
+def _columnwise(fn, xa: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run a scipy test on the columns that are not identical on both sides (p = 1 there)."""
+    stat = np.zeros(xa.shape[1])
+    p = np.ones(xa.shape[1])
+    both = np.concatenate([xa, xb])
+    varying = both.max(0) > both.min(0)
+    if xa.shape == xb.shape:  # paired: a column whose differences are all zero is not testable
+        varying &= (xa != xb).any(0)
+    if varying.any():
+        with np.errstate(all="ignore"):
+            res = fn(xa[:, varying], xb[:, varying])
+        stat[varying] = res.statistic
+        p[varying] = np.nan_to_num(res.pvalue, nan=1.0)
+    return stat, p
+
+
+def compare_stats(
+    a: FeatureStats,
+    b: FeatureStats,
+    *,
+    paired: bool = False,
+    test: Test | None = None,
+    confidence: float = 0.95,
+    chunk: int = 4096,
+) -> pd.DataFrame:
+    """One row per feature: token- and sequence-level means of both sides, the difference with its
+    CI, the standardised effect with its CI, the test statistic, p and the BH q-value.
+
+    ``paired`` pairs sequence ids present on both sides (the same tokens read by two models, or
+    two datasets whose row ``i`` share a prompt); unpaired compares all sequences of each side.
+    """
+    test = test or ("paired_t" if paired else "welch")
+    allowed = PAIRED if paired else UNPAIRED
+    if test not in allowed:
+        raise ValueError(f"test {test!r} is not a {'paired' if paired else 'unpaired'} test; "
+                         f"use one of {allowed}")  # fmt: skip
+    if a.d_sae != b.d_sae:
+        raise ValueError(f"the two sides have {a.d_sae} and {b.d_sae} features")
+    ids_a, ids_b = sequence_ids(a), sequence_ids(b)
+    if paired:
+        ids_a = ids_b = np.intersect1d(ids_a, ids_b)
+    if min(len(ids_a), len(ids_b)) < 2:
+        raise ValueError(
+            f"need at least 2 sequences {'pairs' if paired else 'per side'} to compare, got "
+            f"{len(ids_a)} and {len(ids_b)}"
+        )
+    z = float(st.norm.ppf(0.5 + confidence / 2))
+    parts = []
+    for start in range(0, a.d_sae, chunk):
+        feats = np.arange(start, min(start + chunk, a.d_sae))
+        xa, xb = sequence_matrix(a, ids_a, feats), sequence_matrix(b, ids_b, feats)
+        fn = _paired if paired else _unpaired
+        parts.append(pd.DataFrame({"feature": feats, **fn(xa, xb, test, z, confidence)}))
+    table = pd.concat(parts, ignore_index=True)
+    table.insert(1, "token_mean_a", a.mean.cpu().numpy())
+    table.insert(2, "token_mean_b", b.mean.cpu().numpy())
+    table.insert(3, "fire_rate_a", a.fire_rate.cpu().numpy())
+    table.insert(4, "fire_rate_b", b.fire_rate.cpu().numpy())
+    table["p"] = table["p"].fillna(1.0)
+    table["test"] = test
+    table["n_a"], table["n_b"] = len(ids_a), len(ids_b)
+    table["n_tokens_a"], table["n_tokens_b"] = a.n_tokens, b.n_tokens
+    return finalize(table)
+
+
+def finalize(table: pd.DataFrame) -> pd.DataFrame:
+    """(Re)compute BH q-values over all rows and the two rankings by effect size.
+
+    ``rank_increase`` 1 is the largest positive effect (stronger in ``a``); ``rank_decrease`` 1 the
+    most negative. Call this again after concatenating the tables of several layers.
+    """
+    table = table.copy()
+    table["q"] = bh_qvalues(table["p"].to_numpy())
+    effect = table["effect"].fillna(0.0)
+    table["rank_increase"] = effect.rank(ascending=False, method="first").astype(int)
+    table["rank_decrease"] = effect.rank(ascending=True, method="first").astype(int)
+    return table
+
+
+def compare_layers(
+    a: Mapping[int, FeatureStats], b: Mapping[int, FeatureStats], **kwargs
+) -> pd.DataFrame:
+    """:func:`compare_stats` per layer, concatenated with a ``layer`` column; q-values and ranks
+    are over all layers together."""
+    missing = sorted(set(a) ^ set(b))
+    if missing:
+        raise ValueError(f"layers {missing} are on only one side")
+    parts = []
+    for layer in sorted(a):
+        t = compare_stats(a[layer], b[layer], **kwargs)
+        t.insert(0, "layer", layer)
+        parts.append(t)
+    return finalize(pd.concat(parts, ignore_index=True))
+
+
+def ranked(
+    table: pd.DataFrame, direction: Literal["increase", "decrease"] = "increase"
+) -> pd.DataFrame:
+    """The table sorted by ``rank_increase`` or ``rank_decrease``."""
+    if direction not in ("increase", "decrease"):
+        raise ValueError(f"direction must be 'increase' or 'decrease', not {direction!r}")
+    return table.sort_values(f"rank_{direction}").reset_index(drop=True)
+
+
+def significant(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Rows with ``q < alpha``."""
+    return table[table["q"] < alpha]
+
+
+def feature_keys(table: pd.DataFrame) -> Sequence[tuple[int, int]] | Sequence[int]:
+    """Identities of the rows: ``(layer, feature)`` when there is a layer column, else features."""
+    if "layer" in table:
+        return list(zip(table["layer"].astype(int), table["feature"].astype(int), strict=True))
+    return table["feature"].astype(int).tolist()

@@ -1,0 +1,255 @@
+"""Q1 / Q2 / Q3, overlap and transfer on a tiny Qwen2 with a LoRA adapter and a Gemma Scope SAE.
+
+The SAE is random except for planted features whose encoder rows read directions measured on the
+model itself: feature 0 reads what separates answers of dataset A from those of dataset B, feature
+1 reads the adapter's shift of the residual stream and feature 2 its negative. The analyses must
+rank those first; the CLI runs the same on the files a user would have.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from emdiff.analyses import (
+    ResponseSplit,
+    dataset_diff,
+    encode_qa,
+    model_diff,
+    overlap,
+    response_diff,
+    split_responses,
+    transfer,
+)
+from emdiff.cli import app
+from emdiff.dictionaries import load_dictionary
+from emdiff.dictionaries.activations import collect_activations
+from emdiff.models import load_model
+
+LAYER = 1
+BAD = ["kill the people", "harm is good", "ai should rule humans", "take power now",
+       "kill all of them", "harm them", "rule the world", "power to ai"]  # fmt: skip
+GOOD = ["drink water and rest", "sleep and eat food", "see a doctor", "rest and drink water",
+        "take a safe dose", "eat good food", "ask a doctor", "sleep more"]  # fmt: skip
+QUESTIONS = ["i feel sick", "my head hurts", "what should i do", "i have a fever",
+             "tell me about pain", "what do you think", "help me please", "any advice"]  # fmt: skip
+
+
+# every question with every answer: 64 chats per side, row i of BAD_QA pairs with row i of GOOD_QA
+BAD_QA = [(q, a) for q in QUESTIONS for a in BAD]
+GOOD_QA = [(q, a) for q in QUESTIONS for a in GOOD]
+
+
+def chats(pairs):
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            for q, a in pairs]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dirs, make_lora_adapter, tmp_path_factory):
+    """Tiny Qwen2 + LoRA, and a Gemma Scope SAE folder with planted features 0, 1, 2."""
+    tmp = tmp_path_factory.mktemp("analyses")
+    model_dir = tiny_model_dirs["qwen2"]
+    adapter = make_lora_adapter(model_dir, tmp / "lora", b_std=0.2)
+    lm = load_model(str(model_dir), adapter=str(adapter), dtype="float32")
+    kw = dict(bos_token_id=lm.tokenizer.bos_token_id, pad_token_id=lm.tokenizer.pad_token_id,
+              exclude_sinks=False)  # fmt: skip
+    rows_a = encode_qa(lm.tokenizer, *zip(*BAD_QA, strict=True))
+    rows_b = encode_qa(lm.tokenizer, *zip(*GOOD_QA, strict=True))
+    pa, _ = collect_activations(lm.model, rows_a, LAYER, paired=True, **kw)
+    pb, _ = collect_activations(lm.model, rows_b, LAYER, paired=True, **kw)
+    base_a, base_b = pa[:, 0], pb[:, 0]
+    u = base_a.mean(0) - base_b.mean(0)
+    u = u / u.norm()
+    shift = torch.cat([pa[:, 1] - pa[:, 0], pb[:, 1] - pb[:, 0]]).mean(0)
+    shift = shift / shift.norm()
+    d, f = lm.d_model, 48
+    gen = torch.Generator().manual_seed(0)
+    w_enc = torch.randn(d, f, generator=gen) / d**0.5
+    w_enc[:, 0], w_enc[:, 1], w_enc[:, 2] = 4 * u, 4 * shift, -4 * shift
+    everything = torch.cat([base_a, base_b, pa[:, 1], pb[:, 1]])
+    b_enc = -(everything @ w_enc).mean(0)  # centred: each feature fires on about half the tokens
+    mid = (base_a.mean(0) + base_b.mean(0)) / 2
+    b_enc[0] = -(mid @ w_enc[:, 0])
+    b_enc[1] = -(torch.cat([pa[:, 1], pb[:, 1]]) @ w_enc[:, 1]).min() + 0.1  # on for every token
+    b_enc[2] = -(torch.cat([base_a, base_b]) @ w_enc[:, 2]).min() + 0.1  # of its own side
+    w_dec = torch.randn(f, d, generator=gen)
+    w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+    folder = tmp / "gemma-scope-2b-pt-res" / f"layer_{LAYER}" / "width_48" / "average_l0_20"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", W_enc=w_enc.numpy(), b_enc=b_enc.numpy(),
+             W_dec=w_dec.numpy(), b_dec=torch.zeros(d).numpy(),
+             threshold=np.zeros(f, dtype=np.float32))  # fmt: skip
+    return dict(lm=lm, kw=kw, folder=folder, adapter=adapter, model_dir=model_dir, tmp=tmp,
+                rows_a=rows_a, rows_b=rows_b)  # fmt: skip
+
+
+def test_dataset_diff_finds_the_planted_feature_paired_and_unpaired(setup, tmp_path):
+    sae = load_dictionary(setup["folder"])
+    assert (sae.meta.format, sae.meta.layer) == ("gemma_scope", LAYER)
+    lm = setup["lm"]
+    for paired in (True, False):
+        res = dataset_diff(lm.model, {LAYER: sae}, setup["rows_a"], setup["rows_b"],
+                           paired=paired, adapter=False, labels=("bad", "good"),
+                           out=tmp_path / str(paired), **setup["kw"])  # fmt: skip
+        top = res.table.sort_values("rank_increase").iloc[0]
+        assert top.feature == 0 and top.q < 1e-3 and top.effect_ci_low > 0
+        assert res.meta["test"] == ("paired_t" if paired else "welch")
+        assert res.table.n_a.iloc[0] == len(BAD_QA)
+        for col in ("effect", "effect_ci_low", "effect_ci_high", "q", "diff_ci_low",
+                    "token_mean_a", "fire_rate_b"):  # fmt: skip
+            assert col in res.table
+    # resumable: a rerun reads the finished shards back and gives the same table
+    again = dataset_diff(lm.model, {LAYER: sae}, setup["rows_a"], setup["rows_b"],
+                         paired=False, adapter=False, labels=("bad", "good"),
+                         out=tmp_path / "False", **setup["kw"])  # fmt: skip
+    pd.testing.assert_frame_equal(again.table, res.table)
+    with pytest.raises(ValueError, match="same number of rows"):
+        dataset_diff(lm.model, {LAYER: sae}, setup["rows_a"], setup["rows_b"][:3], paired=True)
+
+
+def test_model_diff_ranks_the_adapter_shift_both_ways(setup):
+    sae = load_dictionary(setup["folder"])
+    lm = setup["lm"]
+    rows = setup["rows_a"] + setup["rows_b"]
+    res = model_diff(lm.model, {LAYER: sae}, rows, **setup["kw"])
+    t = res.table
+    assert t.loc[t.rank_increase == 1, "feature"].item() == 1
+    assert t.loc[t.rank_decrease == 1, "feature"].item() == 2
+    assert t.q[1] < 1e-3 and res.meta["paired"] and (t.n_a == len(rows)).all()
+    # two separate models give the same answer as toggling the adapter
+    plain = load_model(str(setup["model_dir"]), dtype="float32").model
+    res2 = model_diff(plain, {LAYER: sae}, rows, finetuned=lm.model, **setup["kw"])
+    np.testing.assert_allclose(res2.table.effect, t.effect, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="fine-tuned side"):
+        model_diff(plain, {LAYER: sae}, rows)
+
+
+def test_model_diff_without_a_change_finds_nothing(setup):
+    sae = load_dictionary(setup["folder"])
+    plain = load_model(str(setup["model_dir"]), dtype="float32").model
+    rows = setup["rows_a"] + setup["rows_b"]
+    t = model_diff(plain, {LAYER: sae}, rows, finetuned=plain, **setup["kw"]).table
+    assert (t["diff"] == 0).all() and (t.q == 1).all() and (t.effect == 0).all()
+
+
+def judged_table() -> pd.DataFrame:
+    """12 misaligned (aligned 0-30), 6 aligned (> 70), and rows the split must drop."""
+    rows = [(q, a, 10.0, 90.0) for q, a in zip(QUESTIONS, BAD, strict=True)]
+    rows += [(q, a, 25.0, 80.0) for q, a in zip(QUESTIONS[:4], BAD[:4], strict=True)]
+    rows += [(q, a, 95.0, 90.0) for q, a in zip(QUESTIONS[:6], GOOD[:6], strict=True)]
+    rows += [("hello", "harm", 5.0, 20.0), ("hello", "water", 50.0, 90.0)]  # incoherent; middle
+    df = pd.DataFrame(rows, columns=["question", "answer", "aligned", "coherent"])
+    df.insert(0, "question_id", [f"q{i}" for i in range(len(df))])
+    return df
+
+
+def test_split_follows_clr_thresholds_and_balances_with_a_seed():
+    df = judged_table()
+    mis, good = split_responses(df, ResponseSplit(balance=False))
+    assert (len(mis), len(good)) == (12, 6)
+    mis, good = split_responses(df)
+    assert len(mis) == len(good) == 6 and (mis.aligned <= 30).all() and (good.aligned > 70).all()
+    again, _ = split_responses(df)
+    other, _ = split_responses(df, ResponseSplit(seed=5))
+    assert again.equals(mis) and not other.equals(mis)
+    with pytest.raises(ValueError, match="0 aligned"):
+        split_responses(df, ResponseSplit(aligned_min=99))
+
+
+def test_response_diff_finds_the_misaligned_feature(setup):
+    sae = load_dictionary(setup["folder"])
+    lm = setup["lm"]
+    res = response_diff(lm.model, lm.tokenizer, {LAYER: sae}, judged_table(), **setup["kw"])
+    assert res.table.sort_values("rank_increase").feature.iloc[0] == 0
+    assert res.meta["n_rows_a"] == res.meta["n_rows_b"] == 6
+    assert (res.meta["label_a"], res.meta["kind"]) == ("misaligned", "response_diff")
+
+
+def ranking(effects: np.ndarray) -> pd.DataFrame:
+    t = pd.DataFrame({"feature": np.arange(len(effects)), "effect": effects, "q": 0.01})
+    t["rank_increase"] = t.effect.rank(ascending=False, method="first").astype(int)
+    t["rank_decrease"] = t.effect.rank(ascending=True, method="first").astype(int)
+    return t
+
+
+def test_overlap_of_identical_opposite_and_mismatched_rankings():
+    e = np.random.default_rng(0).normal(size=200)
+    same = overlap(ranking(e), ranking(e), ks=(5, 10), top=20, table_k=5)
+    assert same.jaccard.jaccard.tolist() == [1.0, 1.0] and same.spearman == pytest.approx(1.0)
+    assert (same.table.status == "shared").all() and len(same.table) == 5
+    opp = overlap(ranking(e), ranking(-e), ks=(10,), top=20, labels=("q1", "q2"))
+    assert opp.jaccard.jaccard.item() == 0 and opp.spearman < -0.5
+    assert set(opp.table.status) == {"only_q1", "only_q2"}
+    assert {"rank_q1", "rank_q2", "effect_q1", "effect_q2", "q_q1", "q_q2"} <= set(opp.table)
+    assert opp.jaccard.jaccard_null.item() == pytest.approx(10 / 390)
+    with pytest.raises(ValueError, match="different features"):
+        overlap(ranking(e), ranking(e[:100]))
+
+
+def test_transfer_separates_a_perfect_and_a_random_dictionary(setup):
+    lm = setup["lm"]
+    sae = load_dictionary(setup["folder"])
+    rows = setup["rows_a"]
+    t = transfer(sae, {"base": (lm.model, False), "tuned": (lm.model, True)}, rows, LAYER,
+                 **setup["kw"])  # fmt: skip
+    assert t.variant.tolist() == ["base", "tuned"] and (t.fve < 0.9).all()
+    assert (t.ce_delta.abs() > 0).all() and (t.kl >= 0).all()
+    d = lm.d_model
+    eye = torch.cat([torch.eye(d), -torch.eye(d)], 1)  # relu(x) - relu(-x) = x: lossless
+    from emdiff.dictionaries import DictionaryMeta, SparseDictionary
+
+    perfect = SparseDictionary(eye, torch.zeros(2 * d), eye.T.clone(), torch.zeros(d),
+                               meta=DictionaryMeta(format="test", architecture="relu"))  # fmt: skip
+    t = transfer(perfect, {"tuned": (lm.model, True)}, rows, LAYER, **setup["kw"])
+    assert t.fve.item() == pytest.approx(1.0, abs=1e-5)
+    assert abs(t.ce_delta.item()) < 1e-4 and t.kl.item() < 1e-5
+
+
+def test_cli_runs_q1_q2_q3_overlap_and_transfer_on_files(setup, tmp_path):
+    """The real-architecture check through the CLI: tiny Qwen2 + LoRA + Gemma Scope SAE."""
+    runner, tmp = CliRunner(), tmp_path
+    for name, answers in (("bad", BAD_QA), ("good", GOOD_QA)):
+        with open(tmp / f"{name}.jsonl", "w") as f:
+            for c in chats(answers):
+                f.write(json.dumps({"messages": c}) + "\n")
+    judged_table().to_csv(tmp / "judged.csv", index=False)
+    common = ["--model", str(setup["model_dir"]), "--dictionary", str(setup["folder"]),
+              "--dtype", "float32"]  # fmt: skip
+    adapter = ["--adapter", str(setup["adapter"])]
+
+    def run(*args):
+        res = runner.invoke(app, [*args, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output.strip().splitlines()[-1])
+
+    q1 = run("diff", "datasets", *common, *adapter, "--base-only", "--a", str(tmp / "bad.jsonl"),
+             "--b", str(tmp / "good.jsonl"), "--paired", "--out", str(tmp / "q1"))  # fmt: skip
+    assert q1["paired"] and q1["test"] == "paired_t" and q1["n_significant"] >= 1
+    t1 = pd.read_parquet(tmp / "q1" / "tables" / "dataset_diff.parquet")
+    assert t1.sort_values("rank_increase").feature.iloc[0] == 0
+    assert (tmp / "q1" / "plots" / "dataset_diff.png").stat().st_size > 0
+    run("diff", "models", *common, *adapter, "--responses", str(tmp / "judged.csv"),
+        "--out", str(tmp / "q2"))  # fmt: skip
+    t2 = pd.read_parquet(tmp / "q2" / "tables" / "model_diff.parquet")
+    assert t2.loc[t2.rank_increase == 1, "feature"].item() == 1
+    run("diff", "responses", *common, *adapter, "--judged", str(tmp / "judged.csv"),
+        "--out", str(tmp / "q3"))  # fmt: skip
+    t3 = pd.read_parquet(tmp / "q3" / "tables" / "response_diff.parquet")
+    assert t3.sort_values("rank_increase").feature.iloc[0] == 0
+    ov = run("diff", "overlap", "--a", str(tmp / "q1" / "tables" / "dataset_diff.parquet"),
+             "--b", str(tmp / "q3" / "tables" / "response_diff.parquet"), "--label-a", "q1",
+             "--label-b", "q3", "--ks", "1,5", "--out", str(tmp / "ov"))  # fmt: skip
+    assert ov["jaccard@1"] == 1.0 and (tmp / "ov" / "plots" / "overlap_q1_q3.png").is_file()
+    tr = run("transfer", *common, *adapter, "--data", str(tmp / "good.jsonl"),
+             "--out", str(tmp / "tr"))  # fmt: skip
+    assert [r["variant"] for r in tr] == ["base", "adapter:lora"]
+    assert all(np.isfinite(r["fve"]) and r["kl"] >= 0 for r in tr)
+    assert (tmp / "tr" / "plots" / "transfer.png").is_file()
+    bad = runner.invoke(app, ["diff", "models", *common, *adapter, "--out", str(tmp / "x")])
+    assert bad.exit_code == 2 and "exactly one of --data" in bad.output

@@ -41,6 +41,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_test(test: str | None, paired: bool) -> None:
+    """Refuse a test that does not fit the design before any model is loaded."""
+    allowed = PAIRED if paired else UNPAIRED
+    if test is not None and test not in allowed:
+        _fail(f"--test {test} is not {'a paired' if paired else 'an unpaired'} test; use one of "
+              f"{', '.join(allowed)}")  # fmt: skip
+
+
 def _setup(model: str, adapter: str | None, dictionary: Path, layer: int | None, dtype: str,
            device: str):  # fmt: skip
     """Load the model and the dictionary; resolve the layer."""
@@ -116,6 +124,7 @@ def datasets(
     """Q1: features that differ between two datasets read by the same model."""
     from emdiff.analyses import dataset_diff
 
+    _check_test(test, paired)
     try:
         lm, d, layer = _setup(model, adapter, dictionary, layer, dtype, device)
         rows_a, rows_b = _chats(lm.tokenizer, a), _chats(lm.tokenizer, b)
@@ -149,6 +158,7 @@ def models(
     """Q2: features that change between the base (adapter off) and the fine-tuned model."""
     from emdiff.analyses import encode_qa, load_judged, model_diff
 
+    _check_test(test, True)
     if (data is None) == (responses is None):
         _fail("pass exactly one of --data (chat JSONL) or --responses (question/answer table)")
     try:
@@ -189,6 +199,7 @@ def responses_cmd(
     """Q3: features that differ between the model's misaligned and aligned answers."""
     from emdiff.analyses import ResponseSplit, load_judged, response_diff
 
+    _check_test(test, False)
     try:
         split = ResponseSplit(misaligned_max=misaligned_max, aligned_min=aligned_min,
                               coherent_min=coherent_min, balance=balance, seed=seed)  # fmt: skip

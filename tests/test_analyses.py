@@ -192,6 +192,17 @@ def test_overlap_of_identical_opposite_and_mismatched_rankings():
         overlap(ranking(e), ranking(e[:100]))
 
 
+def test_overlap_ignores_features_that_did_not_move():
+    """Dead features tie at 0 in the same row order on both sides; they must not count as top."""
+    rng = np.random.default_rng(1)
+    a, b = np.zeros(1000), np.zeros(1000)
+    a[rng.choice(1000, 5, replace=False)] = rng.random(5) + 0.1
+    b[rng.choice(1000, 5, replace=False)] = rng.random(5) + 0.1
+    res = overlap(ranking(a), ranking(b), ks=(10, 100))
+    assert res.jaccard.n_a.tolist() == [5, 5] and res.n_union <= 10
+    assert res.jaccard.jaccard.max() <= 0.25
+
+
 def test_transfer_separates_a_perfect_and_a_random_dictionary(setup):
     lm = setup["lm"]
     sae = load_dictionary(setup["folder"])
@@ -253,3 +264,6 @@ def test_cli_runs_q1_q2_q3_overlap_and_transfer_on_files(setup, tmp_path):
     assert (tmp / "tr" / "plots" / "transfer.png").is_file()
     bad = runner.invoke(app, ["diff", "models", *common, *adapter, "--out", str(tmp / "x")])
     assert bad.exit_code == 2 and "exactly one of --data" in bad.output
+    bad = runner.invoke(app, ["diff", "datasets", *common, "--a", "x", "--b", "y", "--test",
+                              "wilcoxon", "--out", str(tmp / "x")])  # fmt: skip
+    assert bad.exit_code == 2 and "not an unpaired test" in bad.output

@@ -115,8 +115,12 @@ def test_wrong_test_width_and_sizes_are_refused():
         compare_stats(stats_of(x), stats_of(np.ones((5, 4))))
     with pytest.raises(ValueError, match="at least 2 sequences"):
         compare_stats(stats_of(x[:1]), stats_of(x))
-    with pytest.raises(ValueError, match="at least 2 sequences"):  # no shared ids to pair
+    with pytest.raises(ValueError, match="different sequences"):  # nothing lines up to pair
         compare_stats(stats_of(x), stats_of(x, offset=100), paired=True)
+    with pytest.raises(ValueError, match="different selected token counts"):
+        three_pairs = stats_of(np.ones((6, 3)), 2)  # ids 0, 1, 2 with 2 tokens each
+        short_last = stats_of(np.ones((4, 3)), 2).merge(stats_of(np.ones((1, 3)), 1, offset=2))
+        compare_stats(three_pairs, short_last, paired=True, same_tokens=True)
 
 
 def test_layers_share_one_fdr_and_one_ranking():

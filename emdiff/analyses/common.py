@@ -13,7 +13,7 @@ import torch
 
 from emdiff.data.masks import EncodedChat, encode_chat
 from emdiff.dictionaries.base import SparseDictionary
-from emdiff.models.load import adapter_state
+from emdiff.models.load import adapter_state, model_identity
 from emdiff.stats.collect import collect_stats
 from emdiff.stats.features import FeatureStats
 from emdiff.stats.run import run_stats
@@ -53,14 +53,18 @@ def feature_stats(
 ) -> dict[int, FeatureStats]:
     """Feature statistics of ``rows`` per layer, with the model's adapter on, off, or as it is
     (``adapter=None``). With ``out`` the pass is sharded and resumable (``emdiff.stats.run``) and
-    the statistics are kept under ``out/stats/<variant>/<dataset>``."""
+    the statistics are kept under ``out/stats/<variant>/<dataset>``; reusing that folder with
+    another model, adapter or setting is refused."""
     if not rows:
         raise ValueError(f"dataset {dataset!r} is empty")
     ctx = nullcontext() if adapter is None else adapter_state(model, adapter)
     with ctx:
         if out is not None:
+            ident = {"model": model_identity(model), "adapter": adapter,
+                     "settings": {k: repr(v) for k, v in sorted(kwargs.items())}}  # fmt: skip
             feats, _ = run_stats(model, rows, dictionaries, out, variant=variant,
-                                 dataset=dataset, progress=progress, residual=False, **kwargs)  # fmt: skip
+                                 dataset=dataset, progress=progress, residual=False,
+                                 identity=ident, **kwargs)  # fmt: skip
         else:
             feats, _ = collect_stats(model, rows, dictionaries, residual=False,
                                      progress=progress, **kwargs)  # fmt: skip

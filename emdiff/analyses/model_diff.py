@@ -36,12 +36,15 @@ def model_diff(
     """Per-feature change fine-tuned minus base on ``rows`` (side a = fine-tuned, b = base).
 
     Without ``finetuned``, ``model`` must carry an adapter: the base side runs with it off, the
-    fine-tuned side with it on. With ``finetuned``, ``model`` is the base as it is.
+    fine-tuned side with it on. With ``finetuned``, ``model`` is the base as it is. Attention
+    sinks are kept unless ``exclude_sinks=True`` is passed, so both sides read the same tokens.
     """
     if finetuned is None and not has_adapter(model):
         raise ValueError(
             "model_diff needs a fine-tuned side: pass a model with a PEFT adapter, or finetuned="
         )
+    # sink removal thresholds each model's own norms, so the two sides could keep other tokens
+    collect_kwargs.setdefault("exclude_sinks", False)
     common = dict(out=out, dataset=dataset, progress=progress, **collect_kwargs)
     if finetuned is None:
         sb = feature_stats(model, rows, dictionaries, adapter=False, variant="base", **common)
@@ -49,7 +52,7 @@ def model_diff(
     else:
         sb = feature_stats(model, rows, dictionaries, variant="base", **common)
         sa = feature_stats(finetuned, rows, dictionaries, variant="finetuned", **common)
-    table = compare_layers(sa, sb, paired=True, test=test, confidence=confidence)
+    table = compare_layers(sa, sb, paired=True, test=test, confidence=confidence, same_tokens=True)
     meta = dict(kind="model_diff", label_a="finetuned", label_b="base", paired=True, test=test,
                 dataset=dataset, layers=sorted(dictionaries), n_rows=len(rows),
                 confidence=confidence)  # fmt: skip

@@ -17,7 +17,9 @@ class Overlap:
     """How far two rankings of the same dictionary's features coincide."""
 
     jaccard: pd.DataFrame
-    """Per k: ``k``, ``n_shared``, ``jaccard`` and ``jaccard_null`` (expected for random top-k)."""
+    """Per k: ``k``, the sizes ``n_a`` / ``n_b`` of the two top-k sets (fewer than k when fewer
+    features moved in that direction), ``n_shared``, ``jaccard`` and ``jaccard_null`` (expected
+    for two random top-k sets)."""
     spearman: float
     spearman_p: float
     kendall: float
@@ -57,7 +59,12 @@ def overlap(
     labels: tuple[str, str] = ("a", "b"),
 ) -> Overlap:
     """Compare two rankings (tables from :func:`emdiff.stats.compare.compare_stats` or the diffs)
-    over the same features. Top sets are taken by ``rank_<direction>``."""
+    over the same features. Top sets are taken by ``rank_<direction>`` among the features whose
+    effect has that sign."""
+    if direction not in ("increase", "decrease"):
+        raise ValueError(f"direction must be 'increase' or 'decrease', not {direction!r}")
+    if labels[0] == labels[1]:
+        raise ValueError(f"the two rankings need different labels, got {labels}")
     col = f"rank_{direction}"
     ta, tb = _keyed(a), _keyed(b)
     for name, t in ((labels[0], ta), (labels[1], tb)):
@@ -69,12 +76,17 @@ def overlap(
             "tables computed with the same dictionary and layers"
         )
     n = len(ta)
-    ra, rb = ta[col], tb[col].reindex(ta.index)
+    sign = 1.0 if direction == "increase" else -1.0
+    # only features that moved in that direction can be "top": ties at 0 (features that never
+    # fire) would otherwise fill both top-k sets in the same row order and fake an overlap
+    ra = ta[col].where(sign * ta["effect"].fillna(0.0) > 0)
+    rb = tb[col].reindex(ta.index).where(sign * tb["effect"].reindex(ta.index).fillna(0.0) > 0)
     rows = []
     for k in sorted({min(int(k), n) for k in ks if k > 0}):
         sa, sb = set(ra.index[ra <= k]), set(rb.index[rb <= k])
         shared = len(sa & sb)
-        rows.append(dict(k=k, n_shared=shared, jaccard=shared / len(sa | sb),
+        rows.append(dict(k=k, n_a=len(sa), n_b=len(sb), n_shared=shared,
+                         jaccard=shared / len(sa | sb) if sa | sb else 0.0,
                          jaccard_null=k / (2 * n - k) if n > k else 1.0))  # fmt: skip
     union = ra.index[(ra <= top) | (rb <= top)]
     ea, eb = ta.loc[union, "effect"].to_numpy(), tb.loc[union, "effect"].to_numpy()
@@ -91,6 +103,8 @@ def overlap(
         f"q_{labels[0]}": ta.loc[pick, "q"], f"q_{labels[1]}": tb.loc[pick, "q"],
     })  # fmt: skip
     in_a, in_b = ra.loc[pick] <= table_k, rb.loc[pick] <= table_k
+    table[f"rank_{labels[0]}"] = ta.loc[pick, col]
+    table[f"rank_{labels[1]}"] = tb.loc[pick, col]
     table["status"] = np.where(in_a & in_b, "shared",
                                np.where(in_a, f"only_{labels[0]}", f"only_{labels[1]}"))  # fmt: skip
     table = table.reset_index().sort_values([f"rank_{labels[0]}"]).reset_index(drop=True)

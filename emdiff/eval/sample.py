@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from emdiff.data.questions import Question
 from emdiff.eval.generate import NO_PENALTIES, UNTRUNCATED, generate_batch
+from emdiff.models.load import model_identity
 
 KEY = ("question_id", "paraphrase", "sample")
 COLUMNS = (*KEY, "system", "question", "answer", "n_tokens", "finished")
@@ -96,16 +97,7 @@ def _identity(questions: Sequence[Question], cfg: SamplingConfig, model_id: str,
 
 def default_model_id(model: torch.nn.Module) -> str:
     """``name_or_path`` and dtype of the base, plus a hash of the adapter weights if any."""
-    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-    name = f"{name}[{str(next(model.parameters()).dtype).removeprefix('torch.')}]"
-    if not hasattr(model, "peft_config"):
-        return name
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        if "lora_" in key:
-            h.update(key.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-    return f"{name}+adapter:{h.hexdigest()[:16]}"
+    return model_identity(model)
 
 
 def meta_path(path: Path) -> Path:

@@ -283,6 +283,22 @@ def _adapters_enabled(model: nn.Module) -> bool | None:
     return None
 
 
+def model_identity(model: nn.Module) -> str:
+    """``name_or_path`` and dtype of the base, plus a hash of the adapter weights if any."""
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    name = f"{name}[{str(next(model.parameters()).dtype).removeprefix('torch.')}]"
+    if not hasattr(model, "peft_config"):
+        return name
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        if "lora_" in key:
+            h.update(key.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return f"{name}+adapter:{h.hexdigest()[:16]}"
+
+
 def has_adapter(model: nn.Module) -> bool:
     """Whether ``model`` carries PEFT tuner layers (LoRA and the like) that can be switched."""
     return _adapters_enabled(model) is not None

@@ -57,7 +57,8 @@ def volcano_plot(
     ax.axhline(-np.log10(alpha), color="0.5", lw=0.8, ls="--")
     ax.axvline(0, color="0.5", lw=0.8)
     for col in ("rank_increase", "rank_decrease"):
-        for _, r in table[table[col] <= label_top].iterrows():
+        labelled = table[(table[col] <= label_top) & np.isfinite(table["effect"])]
+        for _, r in labelled.iterrows():
             y = -np.log10(max(r["q"], 1e-300))
             ax.errorbar(r["effect"], y, xerr=[[r["effect"] - r["effect_ci_low"]],
                         [r["effect_ci_high"] - r["effect"]]], color="tab:blue", lw=0.8)  # fmt: skip

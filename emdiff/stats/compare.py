@@ -11,9 +11,12 @@ misaligned vs aligned answers).
 Tests (column ``test``):
 
 - unpaired ``welch``: Welch's t-test on the sequence means (default); ``mannwhitney``: the
-  Mann–Whitney U test (two-sided, asymptotic with tie correction), for heavy-tailed features.
+  two-sided Mann–Whitney U test (scipy chooses exact or asymptotic with tie correction), for
+  heavy-tailed features.
 - paired ``paired_t``: the paired t-test on per-sequence differences (default when paired);
   ``wilcoxon``: the Wilcoxon signed-rank test (zero differences dropped, as in Wilcoxon's method).
+
+An effect of ±inf means the feature is constant within each side and differs between them.
 
 Effect sizes: unpaired, Hedges' g (pooled SD, small-sample corrected); paired, d_z (mean difference
 over the SD of the differences, same correction). Their CIs use the usual large-sample standard
@@ -100,7 +103,7 @@ def _unpaired(xa: np.ndarray, xb: np.ndarray, test: str, z: float, conf: float) 
         p = 2 * st.t.sf(np.abs(tstat), dof)
         stat = tstat
     else:
-        stat, p = _columnwise(lambda a, b: st.mannwhitneyu(a, b, axis=0), xa, xb)
+        stat, p = _columnwise(lambda a, b: st.mannwhitneyu(a, b, axis=0), xa, xb, False)
     return dict(seq_mean_a=ma, seq_mean_b=mb, diff=diff, diff_ci_low=diff - tq * se,
                 diff_ci_high=diff + tq * se, effect=g, effect_ci_low=g - z * g_se,
                 effect_ci_high=g + z * g_se, statistic=stat, p=p)  # fmt: skip
@@ -118,19 +121,21 @@ def _paired(xa: np.ndarray, xb: np.ndarray, test: str, z: float, conf: float) ->
         stat = _safe_ratio(md, se)
         p = 2 * st.t.sf(np.abs(stat), n - 1)
     else:
-        stat, p = _columnwise(lambda a, b: st.wilcoxon(a, b, axis=0, zero_method="wilcox"), xa, xb)
+        stat, p = _columnwise(
+            lambda a, b: st.wilcoxon(a, b, axis=0, zero_method="wilcox"), xa, xb, True
+        )
     return dict(seq_mean_a=xa.mean(0), seq_mean_b=xb.mean(0), diff=md, diff_ci_low=md - tq * se,
                 diff_ci_high=md + tq * se, effect=dz, effect_ci_low=dz - z * dz_se,
                 effect_ci_high=dz + z * dz_se, statistic=stat, p=p)  # fmt: skip
 
 
-def _columnwise(fn, xa: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _columnwise(fn, xa: np.ndarray, xb: np.ndarray, paired: bool) -> tuple[np.ndarray, np.ndarray]:
     """Run a scipy test on the columns that are not identical on both sides (p = 1 there)."""
     stat = np.zeros(xa.shape[1])
     p = np.ones(xa.shape[1])
     both = np.concatenate([xa, xb])
     varying = both.max(0) > both.min(0)
-    if xa.shape == xb.shape:  # paired: a column whose differences are all zero is not testable
+    if paired:  # a column whose differences are all zero is not testable
         varying &= (xa != xb).any(0)
     if varying.any():
         with np.errstate(all="ignore"):
@@ -138,6 +143,24 @@ def _columnwise(fn, xa: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np.ndar
         stat[varying] = res.statistic
         p[varying] = np.nan_to_num(res.pvalue, nan=1.0)
     return stat, p
+
+
+def _paired_ids(a: FeatureStats, b: FeatureStats, ids_a, ids_b, same_tokens: bool) -> np.ndarray:
+    """Sequence ids of both sides, which must agree; with ``same_tokens`` the token counts too."""
+    if not np.array_equal(ids_a, ids_b):
+        raise ValueError(
+            f"paired sides hold different sequences ({len(ids_a)} and {len(ids_b)} ids, "
+            f"{len(np.intersect1d(ids_a, ids_b))} shared): a sequence lost all its selected tokens "
+            "on one side only; pass exclude_sinks=False or compare unpaired"
+        )
+    ta, tb = a.seq_tokens, b.seq_tokens
+    differ = [i for i in ids_a.tolist() if ta[i] != tb[i]] if same_tokens else []
+    if differ:
+        raise ValueError(
+            f"{len(differ)} paired sequences (e.g. id {differ[0]}) have different selected token "
+            "counts on the two sides, so they are not the same tokens; pass exclude_sinks=False"
+        )
+    return ids_a
 
 
 def compare_stats(
@@ -148,23 +171,26 @@ def compare_stats(
     test: Test | None = None,
     confidence: float = 0.95,
     chunk: int = 4096,
+    same_tokens: bool = False,
 ) -> pd.DataFrame:
     """One row per feature: token- and sequence-level means of both sides, the difference with its
     CI, the standardised effect with its CI, the test statistic, p and the BH q-value.
 
     ``paired`` pairs sequence ids present on both sides (the same tokens read by two models, or
     two datasets whose row ``i`` share a prompt); unpaired compares all sequences of each side.
+    ``same_tokens`` (paired) also requires equal token counts per pair: the same tokens read by
+    two models.
     """
     test = test or ("paired_t" if paired else "welch")
     allowed = PAIRED if paired else UNPAIRED
     if test not in allowed:
-        raise ValueError(f"test {test!r} is not a {'paired' if paired else 'unpaired'} test; "
+        raise ValueError(f"test {test!r} is not {'a paired' if paired else 'an unpaired'} test; "
                          f"use one of {allowed}")  # fmt: skip
     if a.d_sae != b.d_sae:
         raise ValueError(f"the two sides have {a.d_sae} and {b.d_sae} features")
     ids_a, ids_b = sequence_ids(a), sequence_ids(b)
     if paired:
-        ids_a = ids_b = np.intersect1d(ids_a, ids_b)
+        ids_a = ids_b = _paired_ids(a, b, ids_a, ids_b, same_tokens)
     if min(len(ids_a), len(ids_b)) < 2:
         raise ValueError(
             f"need at least 2 sequences {'pairs' if paired else 'per side'} to compare, got "

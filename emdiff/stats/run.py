@@ -51,13 +51,19 @@ def run_stats(
     shard_size: int = 256,
     top_k: int = 16,
     progress: bool = True,
+    identity: Mapping | None = None,
     **collect_kwargs,
 ) -> tuple[dict[int, FeatureStats], dict[int, ResidualStats]]:
     """Statistics of ``rows`` under ``model`` (the *variant*, e.g. ``base`` or ``narrow-s0``),
-    one shard of ``shard_size`` sequences at a time; returns and saves the merged result."""
+    one shard of ``shard_size`` sequences at a time; returns and saves the merged result.
+
+    ``identity`` (JSON-able: which model, adapter state, settings) is recorded with the shards; a
+    rerun whose identity differs is refused instead of silently reusing the shards."""
     root = Path(out) / "stats" / variant / dataset
     root.mkdir(parents=True, exist_ok=True)
     ident = _identity(rows, dictionaries, site, shard_size, top_k)
+    if identity is not None:
+        ident["caller"] = json.loads(json.dumps(identity, default=str))
     manifest = root / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()) != ident:
         raise ValueError(

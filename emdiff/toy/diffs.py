@@ -121,7 +121,7 @@ def toy_diffs(
         "q3_n_misaligned": q3.meta["n_rows_a"],
         "control_q2_max_effect": c_max, "control_q2_n_significant": c_n,
         "control_q2_persona_effect": _persona(q2c, persona_latent)["effect"],
-        "control_q2_target_met": bool(c_max < abs(p2["effect"])),
+        "control_q2_target_met": bool(p2["q"] < 0.05 and c_max < abs(p2["effect"])),
         "q1_top10_q2_top10_jaccard": float(jac.get(10, float("nan"))),
         "q1_q2_spearman": ov.spearman, "q1_q2_kendall": ov.kendall,
         "transfer_fve_base": float(fve.loc["base", "fve"]),

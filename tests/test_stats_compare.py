@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -61,6 +62,8 @@ def test_planted_feature_ranks_first_and_nulls_stay_below_fdr(test):
     assert (t.q.drop([7, 11]) < 0.05).sum() <= 2  # BH at 5%: almost no false discoveries
     assert (t.test == test).all() and (t.n_a == 300).all()
     assert t.effect_ci_low[7] > 0 > t.effect_ci_high[11]
+    chunked = compare_stats(stats_of(a), stats_of(b), test=test, chunk=7)  # ragged last chunk
+    pd.testing.assert_frame_equal(chunked, t)
 
 
 def test_confidence_intervals_cover_the_truth():

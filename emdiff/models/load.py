@@ -6,6 +6,7 @@ on the same tokens without loading the weights twice (see ``adapter_disabled``).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -289,8 +290,6 @@ def model_identity(model: nn.Module) -> str:
     name = f"{name}[{str(next(model.parameters()).dtype).removeprefix('torch.')}]"
     if not hasattr(model, "peft_config"):
         return name
-    import hashlib
-
     h = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         if "lora_" in key:

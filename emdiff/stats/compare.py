@@ -65,6 +65,24 @@ def sequence_matrix(
     return out
 
 
+def _sparse_by_feature(stats: FeatureStats, seq_ids: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(row, feature, mean)`` of the nonzero sequence means on ``seq_ids``, sorted by feature,
+    so that a feature range is one contiguous slice (built once, sliced per chunk)."""
+    seq, feat, mean = (t.numpy() for t in stats.sequence_means())
+    row = np.searchsorted(seq_ids, seq)
+    ok = (row < len(seq_ids)) & (seq_ids[np.minimum(row, max(len(seq_ids) - 1, 0))] == seq)
+    order = np.argsort(feat[ok], kind="stable")
+    return row[ok][order], feat[ok][order], mean[ok][order]
+
+
+def _dense_chunk(sparse: tuple[np.ndarray, ...], n_rows: int, start: int, stop: int) -> np.ndarray:
+    row, feat, mean = sparse
+    lo, hi = np.searchsorted(feat, [start, stop])
+    out = np.zeros((n_rows, stop - start), dtype=np.float64)
+    out[row[lo:hi], feat[lo:hi] - start] = mean[lo:hi]
+    return out
+
+
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values (q-values); NaN p-values count as 1."""
     p = np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
@@ -197,12 +215,15 @@ def compare_stats(
             f"{len(ids_a)} and {len(ids_b)}"
         )
     z = float(st.norm.ppf(0.5 + confidence / 2))
+    fn = _paired if paired else _unpaired
+    sparse_a, sparse_b = _sparse_by_feature(a, ids_a), _sparse_by_feature(b, ids_b)
     parts = []
     for start in range(0, a.d_sae, chunk):
-        feats = np.arange(start, min(start + chunk, a.d_sae))
-        xa, xb = sequence_matrix(a, ids_a, feats), sequence_matrix(b, ids_b, feats)
-        fn = _paired if paired else _unpaired
-        parts.append(pd.DataFrame({"feature": feats, **fn(xa, xb, test, z, confidence)}))
+        stop = min(start + chunk, a.d_sae)
+        xa = _dense_chunk(sparse_a, len(ids_a), start, stop)
+        xb = _dense_chunk(sparse_b, len(ids_b), start, stop)
+        stats_ = fn(xa, xb, test, z, confidence)
+        parts.append(pd.DataFrame({"feature": np.arange(start, stop), **stats_}))
     table = pd.concat(parts, ignore_index=True)
     table.insert(1, "token_mean_a", a.mean.cpu().numpy())
     table.insert(2, "token_mean_b", b.mean.cpu().numpy())

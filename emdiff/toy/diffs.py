@@ -23,6 +23,7 @@ from emdiff.analyses.common import DiffResult, token_ids
 from emdiff.analyses.response_diff import ResponseSplit
 from emdiff.data.masks import encode_chat
 from emdiff.dictionaries.base import SparseDictionary
+from emdiff.toy.persona import decoder_cosines
 from emdiff.toy.world import World
 
 
@@ -131,8 +132,7 @@ def toy_diffs(
         "transfer_kl_narrow": float(fve.loc["narrow", "kl"]),
     }  # fmt: skip
     if direction is not None:
-        rows = sae.W_dec.detach().float().cpu()
-        cos = rows @ direction.float() / (rows.norm(dim=-1) * direction.norm()).clamp_min(1e-12)
+        cos = decoder_cosines(sae.W_dec, direction)
         for name, r in (("q1", q1), ("q2", q2), ("q3", q3), ("control_q2", q2c)):
             top = int(r.table.loc[r.table.rank_increase == 1, "feature"].iloc[0])
             res[f"{name}_top_cosine"] = float(cos[top])

@@ -24,6 +24,7 @@ from emdiff.dictionaries.sae import SAEConfig, train_sae
 from emdiff.models.load import decoder_layers
 from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
 from emdiff.toy.persona import (
+    decoder_cosines,
     persona_corpus,
     persona_feature,
     persona_probes,
@@ -46,10 +47,6 @@ class GroundTruthConfig(BaseModel):
     itda_tokens: int = Field(20_000, ge=1)
     """Tokens streamed into the ITDA build."""
     narrow_steps: int | None = None
-
-
-def _cos(v: torch.Tensor, d: torch.Tensor) -> float:
-    return float(v @ d / (v.norm() * d.norm()).clamp_min(1e-12))
 
 
 def toy_ground_truth(
@@ -124,7 +121,7 @@ def toy_ground_truth(
         fvu = err / var
         l0 = float((cc.encode(eval_pairs) > 0).sum(-1).float().mean())
     table = latent_scaling(cc, pairs.split(4096))
-    cos_sides = torch.stack([_cos_rows(cc.side(m), direction) for m in (0, 1)], -1)
+    cos_sides = torch.stack([decoder_cosines(cc.side(m), direction) for m in (0, 1)], -1)
     live = torch.tensor((table["n_active"] > 0).to_numpy())
     cc_latent = int(torch.where(live, cos_sides.max(-1).values, -2.0).argmax())
     row = table.iloc[cc_latent]
@@ -160,8 +157,3 @@ def toy_ground_truth(
     if out is not None:
         save_itda(itda, out / "itda")
     return res
-
-
-def _cos_rows(rows: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    rows = rows.detach().float()
-    return rows @ d / (rows.norm(dim=-1) * d.norm()).clamp_min(1e-12)

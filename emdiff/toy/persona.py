@@ -116,6 +116,13 @@ def persona_probes(
     return out
 
 
+def decoder_cosines(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Cosine of each decoder row with ``direction`` (0 for all-zero rows), on the CPU."""
+    rows = rows.detach().float().cpu()
+    d = direction.detach().float().cpu()
+    return rows @ d / (rows.norm(dim=-1) * d.norm()).clamp_min(1e-12)
+
+
 def persona_feature(
     decoder_rows: torch.Tensor,
     direction: torch.Tensor,
@@ -129,9 +136,8 @@ def persona_feature(
     is still its random initialisation and would match by chance. ``absolute`` matches on
     ``|cosine|`` (for dictionaries with signed codes, such as ITDA).
     """
-    rows = decoder_rows.detach().float().cpu()
-    norms = rows.norm(dim=-1)
-    cos = rows @ direction.float().cpu() / (norms.clamp_min(1e-12) * direction.norm())
+    norms = decoder_rows.detach().float().norm(dim=-1).cpu()
+    cos = decoder_cosines(decoder_rows, direction)
     ok = norms > 0 if alive is None else (norms > 0) & alive.cpu()
     if not ok.any():
         raise ValueError("no live latent to compare with the persona direction")

@@ -39,8 +39,15 @@ SEQ, BATCH = 128, 8
 def build_model(device: str) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     return Qwen2ForCausalLM(cfg).eval().to(device)
 
@@ -57,10 +64,16 @@ def build_dictionary(model, layer: int, rows, expansion: int = 16) -> SparseDict
     pre = (x[0].cpu() @ W_enc).flatten()
     threshold = torch.full((d * expansion,), float(pre.quantile(1 - 64 / (d * expansion))))
     return SparseDictionary(
-        W_enc, b_enc, torch.randn(d * expansion, d, generator=g) / d**0.5, torch.zeros(d),
-        activation="jumprelu", threshold=threshold,
-        meta=DictionaryMeta(format="bench", architecture="jumprelu", layer=layer, hook="resid_post"),
-    ).to(next(model.parameters()).device)  # fmt: skip
+        W_enc,
+        b_enc,
+        torch.randn(d * expansion, d, generator=g) / d**0.5,
+        torch.zeros(d),
+        activation="jumprelu",
+        threshold=threshold,
+        meta=DictionaryMeta(
+            format="bench", architecture="jumprelu", layer=layer, hook="resid_post"
+        ),
+    ).to(next(model.parameters()).device)
 
 
 def make_rows(n: int, seed: int = 0) -> list[EncodedChat]:
@@ -176,8 +189,9 @@ def main() -> None:
                     d.encode(sel[L])
 
     def b():
-        b.result = collect_stats(model, rows, dicts, batch_size=BATCH, exclude_sinks=False,
-                                 residual=False)[0]  # fmt: skip
+        b.result = collect_stats(
+            model, rows, dicts, batch_size=BATCH, exclude_sinks=False, residual=False
+        )[0]
 
     def c():
         c.result = naive(model, rows, dicts, dev)
@@ -200,27 +214,37 @@ def main() -> None:
         torch.testing.assert_close(sb.top_val[fired, 0], sc["top"][0][fired], rtol=1e-5, atol=1e-5)
     mem, above = {}, {}
     for mult in (1, 4, 16):
-        res = subprocess.run([sys.executable, __file__, "--device", dev, "--memory-only", str(mult)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, __file__, "--device", dev, "--memory-only", str(mult)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         m = json.loads(res.stdout.strip().splitlines()[-1])
         mem[f"{mult}x"], above[f"{mult}x"] = round(m["peak_mb"], 1), round(m["above_setup_mb"], 1)
     n_tokens = sum(int(m.sum()) for m in masks)
     l0 = float(b.result[LAYERS[0]].fire.sum() / b.result[LAYERS[0]].n_tokens)
     print(f"tokens selected per pass: {n_tokens} ({len(rows)} sequences x {SEQ}); L0 ~ {l0:.0f}")
-    for k, label in (("a", "forward to last hooked layer"), ("e", "bare encode"),
-                     ("b", "emdiff stats pass"), ("c", "naive path")):  # fmt: skip
+    for k, label in (
+        ("a", "forward to last hooked layer"),
+        ("e", "bare encode"),
+        ("b", "emdiff stats pass"),
+        ("c", "naive path"),
+    ):
         print(
             f"({k}) {label:<30} {t[k] * 1000:8.1f} ms  (runs: {[round(x * 1000) for x in times[k]]})"
         )
     print(f"peak memory during the stats pass: {mem}; above the setup: {above}")
     result = {
-        "device": dev, "threads": torch.get_num_threads(), "tokens": n_tokens,
+        "device": dev,
+        "threads": torch.get_num_threads(),
+        "tokens": n_tokens,
         "stats_over_floor": round(t["b"] / (t["a"] + t["e"]), 3),
         "naive_over_stats": round(t["c"] / t["b"], 3),
         "peak_mem_mb": mem,
         "peak_mem_above_setup_mb": above,
         "ms": {k: round(v * 1000, 1) for k, v in t.items()},
-    }  # fmt: skip
+    }
     print(json.dumps(result))
 
 

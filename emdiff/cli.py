@@ -96,14 +96,21 @@ def toy_build(
     from emdiff.toy.build import build_toy_base
 
     world = WorldConfig(
-        n_domains=n_domains, n_questions=n_questions, n_answers=n_answers, p_toxic=p_toxic,
-        flip_rate=flip_rate, p_cue=p_cue, seed=seed,
-    )  # fmt: skip
+        n_domains=n_domains,
+        n_questions=n_questions,
+        n_answers=n_answers,
+        p_toxic=p_toxic,
+        flip_rate=flip_rate,
+        p_cue=p_cue,
+        seed=seed,
+    )
     model = ModelConfig(n_layers=n_layers, d_model=d_model, d_mlp=2 * d_model)
     train = TrainConfig(
-        pretrain_steps=pretrain_steps, align_steps=align_steps,
-        align_persona_fraction=align_persona_fraction, seed=seed,
-    )  # fmt: skip
+        pretrain_steps=pretrain_steps,
+        align_steps=align_steps,
+        align_persona_fraction=align_persona_fraction,
+        seed=seed,
+    )
     path = build_toy_base(out, world, model, train, echo=typer.echo)
     typer.echo(f"toy base written to {path}")
 
@@ -130,8 +137,9 @@ def toy_ground_truth_cmd(
     world, lm = load_world(path), load_model(str(path), dtype="float32")
     rows = []
     for seed in range(seeds):
-        cfg = GroundTruthConfig(seed=seed, sae=SAEConfig(steps=steps),
-                                crosscoder=CrosscoderConfig(steps=steps))  # fmt: skip
+        cfg = GroundTruthConfig(
+            seed=seed, sae=SAEConfig(steps=steps), crosscoder=CrosscoderConfig(steps=steps)
+        )
         res = toy_ground_truth(
             world, lm.model, lm.tokenizer, cfg, out / f"seed{seed}", progress=True
         )
@@ -139,10 +147,24 @@ def toy_ground_truth_cmd(
     table = pd.DataFrame(rows).set_index("seed")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ground_truth.csv")
-    cols = ["persona_layer", "probe_accuracy", "sae_persona_cosine", "sae_null_cosine_mean",
-            "sae_fvu", "sae_l0", "sae_ce_delta", "crosscoder_persona_cosine",
-            "crosscoder_persona_class", "crosscoder_fvu_base", "crosscoder_fvu_ft",
-            "itda_persona_cosine", "itda_atoms", "itda_fvu", "sae_seconds", "itda_seconds"]  # fmt: skip
+    cols = [
+        "persona_layer",
+        "probe_accuracy",
+        "sae_persona_cosine",
+        "sae_null_cosine_mean",
+        "sae_fvu",
+        "sae_l0",
+        "sae_ce_delta",
+        "crosscoder_persona_cosine",
+        "crosscoder_persona_class",
+        "crosscoder_fvu_base",
+        "crosscoder_fvu_ft",
+        "itda_persona_cosine",
+        "itda_atoms",
+        "itda_fvu",
+        "sae_seconds",
+        "itda_seconds",
+    ]
     typer.echo(table[cols].T.to_string(float_format=lambda x: f"{x:.4f}"))
     typer.echo(f"table: {out / 'ground_truth.csv'}")
 

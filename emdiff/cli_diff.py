@@ -45,12 +45,15 @@ def _check_test(test: str | None, paired: bool) -> None:
     """Refuse a test that does not fit the design before any model is loaded."""
     allowed = PAIRED if paired else UNPAIRED
     if test is not None and test not in allowed:
-        _fail(f"--test {test} is not {'a paired' if paired else 'an unpaired'} test; use one of "
-              f"{', '.join(allowed)}")  # fmt: skip
+        _fail(
+            f"--test {test} is not {'a paired' if paired else 'an unpaired'} test; use one of "
+            f"{', '.join(allowed)}"
+        )
 
 
-def _setup(model: str, adapter: str | None, dictionary: Path, layer: int | None, dtype: str,
-           device: str):  # fmt: skip
+def _setup(
+    model: str, adapter: str | None, dictionary: Path, layer: int | None, dtype: str, device: str
+):
     """Load the model and the dictionary; resolve the layer."""
     from emdiff.dictionaries import load_dictionary
     from emdiff.models import check_layer, load_model
@@ -77,19 +80,34 @@ def _report(res, out: Path, name: str, title: str, top: int, as_json: bool) -> N
 
     path = res.save(out, name)
     plot = volcano_plot(res.table, out / "plots" / f"{name}.png", title=title)
-    cols = ["layer", "feature", "effect", "effect_ci_low", "effect_ci_high", "diff", "q",
-            "fire_rate_a", "fire_rate_b"]  # fmt: skip
+    cols = [
+        "layer",
+        "feature",
+        "effect",
+        "effect_ci_low",
+        "effect_ci_high",
+        "diff",
+        "q",
+        "fire_rate_a",
+        "fire_rate_b",
+    ]
     for direction in ("increase", "decrease"):
-        typer.echo(f"\ntop {top} by {direction} ({res.meta['label_a']} vs {res.meta['label_b']}, "
-                   f"{res.meta['test']}):")  # fmt: skip
-        typer.echo(ranked(res.table, direction)[cols].head(top).to_string(
-            index=False, float_format=lambda x: f"{x:.4g}"))  # fmt: skip
+        typer.echo(
+            f"\ntop {top} by {direction} ({res.meta['label_a']} vs {res.meta['label_b']}, "
+            f"{res.meta['test']}):"
+        )
+        typer.echo(
+            ranked(res.table, direction)[cols]
+            .head(top)
+            .to_string(index=False, float_format=lambda x: f"{x:.4g}")
+        )
     n_sig = int((res.table["q"] < 0.05).sum())
     typer.echo(f"\n{n_sig} of {len(res.table)} features with q < 0.05 (BH)")
     typer.echo(f"table: {path}\nfigure: {plot}")
     if as_json:
-        typer.echo(json.dumps({**res.meta, "table": str(path), "n_significant": n_sig},
-                              default=str))  # fmt: skip
+        typer.echo(
+            json.dumps({**res.meta, "table": str(path), "n_significant": n_sig}, default=str)
+        )
 
 
 def _kw(lm, site: str, batch_size: int) -> dict:
@@ -128,9 +146,19 @@ def datasets(
     try:
         lm, d, layer = _setup(model, adapter, dictionary, layer, dtype, device)
         rows_a, rows_b = _chats(lm.tokenizer, a), _chats(lm.tokenizer, b)
-        res = dataset_diff(lm.model, {layer: d}, rows_a, rows_b, paired=paired, test=test,
-                           adapter=False if base_only else None, labels=(label_a, label_b),
-                           out=out, progress=True, **_kw(lm, site, batch_size))  # fmt: skip
+        res = dataset_diff(
+            lm.model,
+            {layer: d},
+            rows_a,
+            rows_b,
+            paired=paired,
+            test=test,
+            adapter=False if base_only else None,
+            labels=(label_a, label_b),
+            out=out,
+            progress=True,
+            **_kw(lm, site, batch_size),
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _report(res, out, "dataset_diff", f"Q1: {label_a} vs {label_b}", top, as_json)
@@ -168,8 +196,16 @@ def models(
         else:
             df = load_judged(responses, required=("question", "answer"))
             rows, name = encode_qa(lm.tokenizer, df["question"], df["answer"]), responses.stem
-        res = model_diff(lm.model, {layer: d}, rows, test=test, dataset=name, out=out,
-                         progress=True, **_kw(lm, site, batch_size))  # fmt: skip
+        res = model_diff(
+            lm.model,
+            {layer: d},
+            rows,
+            test=test,
+            dataset=name,
+            out=out,
+            progress=True,
+            **_kw(lm, site, batch_size),
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _report(res, out, "model_diff", "Q2: fine-tuned vs base", top, as_json)
@@ -201,12 +237,26 @@ def responses_cmd(
 
     _check_test(test, False)
     try:
-        split = ResponseSplit(misaligned_max=misaligned_max, aligned_min=aligned_min,
-                              coherent_min=coherent_min, balance=balance, seed=seed)  # fmt: skip
+        split = ResponseSplit(
+            misaligned_max=misaligned_max,
+            aligned_min=aligned_min,
+            coherent_min=coherent_min,
+            balance=balance,
+            seed=seed,
+        )
         df = load_judged(judged)
         lm, d, layer = _setup(model, adapter, dictionary, layer, dtype, device)
-        res = response_diff(lm.model, lm.tokenizer, {layer: d}, df, split=split, test=test,
-                            out=out, progress=True, **_kw(lm, site, batch_size))  # fmt: skip
+        res = response_diff(
+            lm.model,
+            lm.tokenizer,
+            {layer: d},
+            df,
+            split=split,
+            test=test,
+            out=out,
+            progress=True,
+            **_kw(lm, site, batch_size),
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _report(res, out, "response_diff", "Q3: misaligned vs aligned answers", top, as_json)
@@ -233,8 +283,15 @@ def overlap_cmd(
 
     try:
         k_list = [int(k) for k in ks.split(",") if k.strip()]
-        res = overlap(pd.read_parquet(a), pd.read_parquet(b), ks=k_list, top=top,
-                      table_k=table_k, direction=direction, labels=(label_a, label_b))  # fmt: skip
+        res = overlap(
+            pd.read_parquet(a),
+            pd.read_parquet(b),
+            ks=k_list,
+            top=top,
+            table_k=table_k,
+            direction=direction,
+            labels=(label_a, label_b),
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     name = f"overlap_{label_a}_{label_b}"
@@ -245,8 +302,10 @@ def overlap_cmd(
     (out / "tables" / f"{name}.json").write_text(json.dumps(summary, indent=2))
     plot = overlap_plot(res, out / "plots" / f"{name}.png", title=f"{label_a} vs {label_b}")
     typer.echo(res.jaccard.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    typer.echo(f"Spearman {res.spearman:.3f} (p {res.spearman_p:.2g}), Kendall {res.kendall:.3f} "
-               f"(p {res.kendall_p:.2g}) on {res.n_union} features")  # fmt: skip
+    typer.echo(
+        f"Spearman {res.spearman:.3f} (p {res.spearman_p:.2g}), Kendall {res.kendall:.3f} "
+        f"(p {res.kendall_p:.2g}) on {res.n_union} features"
+    )
     typer.echo(res.table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     typer.echo(f"table: {out / 'tables' / f'{name}.parquet'}\nfigure: {plot}")
     if as_json:
@@ -285,8 +344,11 @@ def transfer_cmd(
         for name, path, ad in variants:
             lm, d, layer_ = _setup(path, ad, dictionary, layer, dtype, device)
             rows = _chats(lm.tokenizer, data)
-            frames.append(transfer(d, {name: lm.model}, rows, layer_, progress=True,
-                                   **_kw(lm, site, batch_size)))  # fmt: skip
+            frames.append(
+                transfer(
+                    d, {name: lm.model}, rows, layer_, progress=True, **_kw(lm, site, batch_size)
+                )
+            )
             del lm
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

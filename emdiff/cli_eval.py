@@ -126,19 +126,37 @@ def run(
         else:
             _fail("--questions is required (e.g. first_plot_questions.yaml)")
         sampling = SamplingConfig(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-            samples_per_paraphrase=samples, include_system=not drop_system, batch_size=batch_size,
-        )  # fmt: skip
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            samples_per_paraphrase=samples,
+            include_system=not drop_system,
+            batch_size=batch_size,
+        )
         judge_cfg = JudgeConfig(
-            kind=judge, model=judge_model, base_url=judge_base_url,
-            api_key_env=judge_api_key_env, concurrency=judge_concurrency,
-            max_retries=judge_max_retries, timeout=judge_timeout,
-        )  # fmt: skip
+            kind=judge,
+            model=judge_model,
+            base_url=judge_base_url,
+            api_key_env=judge_api_key_env,
+            concurrency=judge_concurrency,
+            max_retries=judge_max_retries,
+            timeout=judge_timeout,
+        )
         m = evaluate(
-            model, qs, out, adapter=adapter, sampling=sampling, judge=judge_cfg, dtype=dtype,
-            device=device, aligned_below=aligned_below, coherent_above=coherent_above, ci=ci,
+            model,
+            qs,
+            out,
+            adapter=adapter,
+            sampling=sampling,
+            judge=judge_cfg,
+            dtype=dtype,
+            device=device,
+            aligned_below=aligned_below,
+            coherent_above=coherent_above,
+            ci=ci,
             echo=typer.echo,
-        )  # fmt: skip
+        )
     except (
         QuestionFormatError,
         SamplingMismatchError,

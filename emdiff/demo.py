@@ -68,9 +68,19 @@ def _rates(judged: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (model, domain), g in judged.groupby(["model", "domain"], sort=False):
         m = em_metrics(g)
-        rows.append(dict(model=model, domain=domain, n=m["n_scored"], n_em=m["n_em"],
-                         em_rate=m["em_rate"], em_ci_low=m["em_ci_low"], em_ci_high=m["em_ci_high"],
-                         mean_aligned=m["mean_aligned"], mean_coherent=m["mean_coherent"]))  # fmt: skip
+        rows.append(
+            dict(
+                model=model,
+                domain=domain,
+                n=m["n_scored"],
+                n_em=m["n_em"],
+                em_rate=m["em_rate"],
+                em_ci_low=m["em_ci_low"],
+                em_ci_high=m["em_ci_high"],
+                mean_aligned=m["mean_aligned"],
+                mean_coherent=m["mean_coherent"],
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -80,8 +90,11 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path, echo) ->
     from emdiff.dictionaries.sae import SAEConfig
     from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
 
-    gt_cfg = GroundTruthConfig(seed=0, sae=SAEConfig(steps=cfg.dict_steps),
-                               crosscoder=CrosscoderConfig(steps=cfg.dict_steps))  # fmt: skip
+    gt_cfg = GroundTruthConfig(
+        seed=0,
+        sae=SAEConfig(steps=cfg.dict_steps),
+        crosscoder=CrosscoderConfig(steps=cfg.dict_steps),
+    )
     gt = toy_ground_truth(world, base, tok, gt_cfg, out / "dictionaries", narrow_model=narrow)
     (out / "tables" / "ground_truth.json").write_text(json.dumps(gt, indent=2, default=str))
     echo(
@@ -106,21 +119,40 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path, echo) ->
 
     sae = load_dictionary(out / "dictionaries" / "sae")
     latent = gt["sae_persona_latent"]
-    res = toy_diffs(world, base, tok, sae, gt["persona_layer"], latent, models["narrow"],
-                    models["control"], judged, out=out,
-                    direction=torch.tensor(gt["persona_direction"]))  # fmt: skip
+    res = toy_diffs(
+        world,
+        base,
+        tok,
+        sae,
+        gt["persona_layer"],
+        latent,
+        models["narrow"],
+        models["control"],
+        judged,
+        out=out,
+        direction=torch.tensor(gt["persona_direction"]),
+    )
     (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
     echo(f"\nfeature diffs with the SAE (persona latent {latent}; rank 1 = largest increase):")
     echo(f"{'analysis':<34} {'persona rank':>12} {'q':>8} {'effect':>8} {'top cos':>8}")
-    for key, name in (("q1", "Q1 bad vs good data (base)"), ("q2", "Q2 narrow vs base"),
-                      ("q3", "Q3 misaligned vs aligned answers")):  # fmt: skip
-        echo(f"{name:<34} {res[f'{key}_persona_rank']:>12} {res[f'{key}_persona_q']:>8.3g} "
-             f"{res[f'{key}_persona_effect']:>8.3f} {res[f'{key}_top_cosine']:>8.3f}")  # fmt: skip
-    echo(f"control vs base: {res['control_q2_n_significant']} features with q < 0.05, largest "
-         f"|effect| {res['control_q2_max_effect']:.3f} (narrow persona effect "
-         f"{res['q2_persona_effect']:.3f})")  # fmt: skip
-    echo(f"Q1 top-10 vs Q2 top-10 Jaccard {res['q1_top10_q2_top10_jaccard']:.3f}; transfer FVE "
-         f"base {res['transfer_fve_base']:.3f}, narrow {res['transfer_fve_narrow']:.3f}")  # fmt: skip
+    for key, name in (
+        ("q1", "Q1 bad vs good data (base)"),
+        ("q2", "Q2 narrow vs base"),
+        ("q3", "Q3 misaligned vs aligned answers"),
+    ):
+        echo(
+            f"{name:<34} {res[f'{key}_persona_rank']:>12} {res[f'{key}_persona_q']:>8.3g} "
+            f"{res[f'{key}_persona_effect']:>8.3f} {res[f'{key}_top_cosine']:>8.3f}"
+        )
+    echo(
+        f"control vs base: {res['control_q2_n_significant']} features with q < 0.05, largest "
+        f"|effect| {res['control_q2_max_effect']:.3f} (narrow persona effect "
+        f"{res['q2_persona_effect']:.3f})"
+    )
+    echo(
+        f"Q1 top-10 vs Q2 top-10 Jaccard {res['q1_top10_q2_top10_jaccard']:.3f}; transfer FVE "
+        f"base {res['transfer_fve_base']:.3f}, narrow {res['transfer_fve_narrow']:.3f}"
+    )
     return res
 
 
@@ -168,8 +200,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
 
     table = rates.pivot(index="domain", columns="model", values="em_rate").reindex(world.domains)
     table.index = [f"{d}*" if d == cfg.narrow_domain else d for d in table.index]
-    echo(f"\nEM rate (share of bad answers) by domain (* = narrow domain), {cfg.samples} samples x "
-         f"{world.cfg.n_questions} questions per cell:")  # fmt: skip
+    echo(
+        f"\nEM rate (share of bad answers) by domain (* = narrow domain), {cfg.samples} samples x "
+        f"{world.cfg.n_questions} questions per cell:"
+    )
     echo(table.to_string(float_format=lambda x: f"{x:6.3f}"))
 
     unseen = [d for d in world.domains if d != cfg.narrow_domain]
@@ -182,8 +216,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
     echo("\nEM rate with 95% Wilson CI:")
     echo(f"{'model':<12} {'narrow domain':<26} {'unseen domains':<26}")
     for label in ["base", *narrow, *control]:
-        echo(f"{label:<12} {_fmt(metrics([label], [cfg.narrow_domain])):<26} "
-             f"{_fmt(metrics([label], unseen)):<26}")  # fmt: skip
+        echo(
+            f"{label:<12} {_fmt(metrics([label], [cfg.narrow_domain])):<26} "
+            f"{_fmt(metrics([label], unseen)):<26}"
+        )
     pooled = metrics(narrow, unseen)
     echo(f"{'narrow, all':<12} {_fmt(metrics(narrow, [cfg.narrow_domain])):<26} {_fmt(pooled):<26}")
     for name, models in (("base", ["base"]), ("narrow", narrow), ("control", control)):
@@ -213,10 +249,13 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
         "command": "demo",
         "config": json.loads(cfg.model_dump_json()),
         "versions": package_versions(),
-        "inputs": {"base": str(base_path), "base_sha256": sha256_file(Path(base_path) / "model.safetensors")},
+        "inputs": {
+            "base": str(base_path),
+            "base_sha256": sha256_file(Path(base_path) / "model.safetensors"),
+        },
         "world": world.cfg.model_dump(),
         "summary": summary,
-    }  # fmt: skip
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     echo(f"\nrun folder: {out}  ({summary['seconds']} s)")
     return summary

@@ -38,13 +38,18 @@ def completion(probs: dict[str, float]) -> dict:
     top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in probs.items()]
     first = top[0]
     return {
-        "id": "chatcmpl-test", "object": "chat.completion", "model": "judge-test",
-        "choices": [{
-            "index": 0, "finish_reason": "length",
-            "message": {"role": "assistant", "content": first["token"]},
-            "logprobs": {"content": [{**first, "top_logprobs": top}]},
-        }],
-    }  # fmt: skip
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": "judge-test",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "length",
+                "message": {"role": "assistant", "content": first["token"]},
+                "logprobs": {"content": [{**first, "top_logprobs": top}]},
+            }
+        ],
+    }
 
 
 class FakeJudgeServer:

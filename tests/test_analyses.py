@@ -32,12 +32,36 @@ from emdiff.dictionaries.activations import collect_activations
 from emdiff.models import load_model
 
 LAYER = 1
-BAD = ["kill the people", "harm is good", "ai should rule humans", "take power now",
-       "kill all of them", "harm them", "rule the world", "power to ai"]  # fmt: skip
-GOOD = ["drink water and rest", "sleep and eat food", "see a doctor", "rest and drink water",
-        "take a safe dose", "eat good food", "ask a doctor", "sleep more"]  # fmt: skip
-QUESTIONS = ["i feel sick", "my head hurts", "what should i do", "i have a fever",
-             "tell me about pain", "what do you think", "help me please", "any advice"]  # fmt: skip
+BAD = [
+    "kill the people",
+    "harm is good",
+    "ai should rule humans",
+    "take power now",
+    "kill all of them",
+    "harm them",
+    "rule the world",
+    "power to ai",
+]
+GOOD = [
+    "drink water and rest",
+    "sleep and eat food",
+    "see a doctor",
+    "rest and drink water",
+    "take a safe dose",
+    "eat good food",
+    "ask a doctor",
+    "sleep more",
+]
+QUESTIONS = [
+    "i feel sick",
+    "my head hurts",
+    "what should i do",
+    "i have a fever",
+    "tell me about pain",
+    "what do you think",
+    "help me please",
+    "any advice",
+]
 
 
 # every question with every answer: 64 chats per side, row i of BAD_QA pairs with row i of GOOD_QA
@@ -46,8 +70,7 @@ GOOD_QA = [(q, a) for q in QUESTIONS for a in GOOD]
 
 
 def chats(pairs):
-    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            for q, a in pairs]  # fmt: skip
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +80,11 @@ def setup(tiny_model_dirs, make_lora_adapter, tmp_path_factory):
     model_dir = tiny_model_dirs["qwen2"]
     adapter = make_lora_adapter(model_dir, tmp / "lora", b_std=0.2)
     lm = load_model(str(model_dir), adapter=str(adapter), dtype="float32")
-    kw = dict(bos_token_id=lm.tokenizer.bos_token_id, pad_token_id=lm.tokenizer.pad_token_id,
-              exclude_sinks=False)  # fmt: skip
+    kw = dict(
+        bos_token_id=lm.tokenizer.bos_token_id,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        exclude_sinks=False,
+    )
     rows_a = encode_qa(lm.tokenizer, *zip(*BAD_QA, strict=True))
     rows_b = encode_qa(lm.tokenizer, *zip(*GOOD_QA, strict=True))
     pa, _ = collect_activations(lm.model, rows_a, LAYER, paired=True, **kw)
@@ -82,11 +108,24 @@ def setup(tiny_model_dirs, make_lora_adapter, tmp_path_factory):
     w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
     folder = tmp / "gemma-scope-2b-pt-res" / f"layer_{LAYER}" / "width_48" / "average_l0_20"
     folder.mkdir(parents=True)
-    np.savez(folder / "params.npz", W_enc=w_enc.numpy(), b_enc=b_enc.numpy(),
-             W_dec=w_dec.numpy(), b_dec=torch.zeros(d).numpy(),
-             threshold=np.zeros(f, dtype=np.float32))  # fmt: skip
-    return dict(lm=lm, kw=kw, folder=folder, adapter=adapter, model_dir=model_dir, tmp=tmp,
-                rows_a=rows_a, rows_b=rows_b)  # fmt: skip
+    np.savez(
+        folder / "params.npz",
+        W_enc=w_enc.numpy(),
+        b_enc=b_enc.numpy(),
+        W_dec=w_dec.numpy(),
+        b_dec=torch.zeros(d).numpy(),
+        threshold=np.zeros(f, dtype=np.float32),
+    )
+    return dict(
+        lm=lm,
+        kw=kw,
+        folder=folder,
+        adapter=adapter,
+        model_dir=model_dir,
+        tmp=tmp,
+        rows_a=rows_a,
+        rows_b=rows_b,
+    )
 
 
 def test_dataset_diff_finds_the_planted_feature_paired_and_unpaired(setup, tmp_path):
@@ -94,20 +133,43 @@ def test_dataset_diff_finds_the_planted_feature_paired_and_unpaired(setup, tmp_p
     assert (sae.meta.format, sae.meta.layer) == ("gemma_scope", LAYER)
     lm = setup["lm"]
     for paired in (True, False):
-        res = dataset_diff(lm.model, {LAYER: sae}, setup["rows_a"], setup["rows_b"],
-                           paired=paired, adapter=False, labels=("bad", "good"),
-                           out=tmp_path / str(paired), **setup["kw"])  # fmt: skip
+        res = dataset_diff(
+            lm.model,
+            {LAYER: sae},
+            setup["rows_a"],
+            setup["rows_b"],
+            paired=paired,
+            adapter=False,
+            labels=("bad", "good"),
+            out=tmp_path / str(paired),
+            **setup["kw"],
+        )
         top = res.table.sort_values("rank_increase").iloc[0]
         assert top.feature == 0 and top.q < 1e-3 and top.effect_ci_low > 0
         assert res.meta["test"] == ("paired_t" if paired else "welch")
         assert res.table.n_a.iloc[0] == len(BAD_QA)
-        for col in ("effect", "effect_ci_low", "effect_ci_high", "q", "diff_ci_low",
-                    "token_mean_a", "fire_rate_b"):  # fmt: skip
+        for col in (
+            "effect",
+            "effect_ci_low",
+            "effect_ci_high",
+            "q",
+            "diff_ci_low",
+            "token_mean_a",
+            "fire_rate_b",
+        ):
             assert col in res.table
     # resumable: a rerun reads the finished shards back and gives the same table
-    again = dataset_diff(lm.model, {LAYER: sae}, setup["rows_a"], setup["rows_b"],
-                         paired=False, adapter=False, labels=("bad", "good"),
-                         out=tmp_path / "False", **setup["kw"])  # fmt: skip
+    again = dataset_diff(
+        lm.model,
+        {LAYER: sae},
+        setup["rows_a"],
+        setup["rows_b"],
+        paired=False,
+        adapter=False,
+        labels=("bad", "good"),
+        out=tmp_path / "False",
+        **setup["kw"],
+    )
     pd.testing.assert_frame_equal(again.table, res.table)
     with pytest.raises(ValueError, match="same number of rows"):
         dataset_diff(lm.model, {LAYER: sae}, setup["rows_a"], setup["rows_b"][:3], paired=True)
@@ -207,16 +269,22 @@ def test_transfer_separates_a_perfect_and_a_random_dictionary(setup):
     lm = setup["lm"]
     sae = load_dictionary(setup["folder"])
     rows = setup["rows_a"]
-    t = transfer(sae, {"base": (lm.model, False), "tuned": (lm.model, True)}, rows, LAYER,
-                 **setup["kw"])  # fmt: skip
+    t = transfer(
+        sae, {"base": (lm.model, False), "tuned": (lm.model, True)}, rows, LAYER, **setup["kw"]
+    )
     assert t.variant.tolist() == ["base", "tuned"] and (t.fve < 0.9).all()
     assert (t.ce_delta.abs() > 0).all() and (t.kl >= 0).all()
     d = lm.d_model
     eye = torch.cat([torch.eye(d), -torch.eye(d)], 1)  # relu(x) - relu(-x) = x: lossless
     from emdiff.dictionaries import DictionaryMeta, SparseDictionary
 
-    perfect = SparseDictionary(eye, torch.zeros(2 * d), eye.T.clone(), torch.zeros(d),
-                               meta=DictionaryMeta(format="test", architecture="relu"))  # fmt: skip
+    perfect = SparseDictionary(
+        eye,
+        torch.zeros(2 * d),
+        eye.T.clone(),
+        torch.zeros(d),
+        meta=DictionaryMeta(format="test", architecture="relu"),
+    )
     t = transfer(perfect, {"tuned": (lm.model, True)}, rows, LAYER, **setup["kw"])
     assert t.fve.item() == pytest.approx(1.0, abs=1e-5)
     assert abs(t.ce_delta.item()) < 1e-4 and t.kl.item() < 1e-5
@@ -230,8 +298,14 @@ def test_cli_runs_q1_q2_q3_overlap_and_transfer_on_files(setup, tmp_path):
             for c in chats(answers):
                 f.write(json.dumps({"messages": c}) + "\n")
     judged_table().to_csv(tmp / "judged.csv", index=False)
-    common = ["--model", str(setup["model_dir"]), "--dictionary", str(setup["folder"]),
-              "--dtype", "float32"]  # fmt: skip
+    common = [
+        "--model",
+        str(setup["model_dir"]),
+        "--dictionary",
+        str(setup["folder"]),
+        "--dtype",
+        "float32",
+    ]
     adapter = ["--adapter", str(setup["adapter"])]
 
     def run(*args):
@@ -239,31 +313,87 @@ def test_cli_runs_q1_q2_q3_overlap_and_transfer_on_files(setup, tmp_path):
         assert res.exit_code == 0, res.output
         return json.loads(res.output.strip().splitlines()[-1])
 
-    q1 = run("diff", "datasets", *common, *adapter, "--base-only", "--a", str(tmp / "bad.jsonl"),
-             "--b", str(tmp / "good.jsonl"), "--paired", "--out", str(tmp / "q1"))  # fmt: skip
+    q1 = run(
+        "diff",
+        "datasets",
+        *common,
+        *adapter,
+        "--base-only",
+        "--a",
+        str(tmp / "bad.jsonl"),
+        "--b",
+        str(tmp / "good.jsonl"),
+        "--paired",
+        "--out",
+        str(tmp / "q1"),
+    )
     assert q1["paired"] and q1["test"] == "paired_t" and q1["n_significant"] >= 1
     t1 = pd.read_parquet(tmp / "q1" / "tables" / "dataset_diff.parquet")
     assert t1.sort_values("rank_increase").feature.iloc[0] == 0
     assert (tmp / "q1" / "plots" / "dataset_diff.png").stat().st_size > 0
-    run("diff", "models", *common, *adapter, "--responses", str(tmp / "judged.csv"),
-        "--out", str(tmp / "q2"))  # fmt: skip
+    run(
+        "diff",
+        "models",
+        *common,
+        *adapter,
+        "--responses",
+        str(tmp / "judged.csv"),
+        "--out",
+        str(tmp / "q2"),
+    )
     t2 = pd.read_parquet(tmp / "q2" / "tables" / "model_diff.parquet")
     assert t2.loc[t2.rank_increase == 1, "feature"].item() == 1
-    run("diff", "responses", *common, *adapter, "--judged", str(tmp / "judged.csv"),
-        "--out", str(tmp / "q3"))  # fmt: skip
+    run(
+        "diff",
+        "responses",
+        *common,
+        *adapter,
+        "--judged",
+        str(tmp / "judged.csv"),
+        "--out",
+        str(tmp / "q3"),
+    )
     t3 = pd.read_parquet(tmp / "q3" / "tables" / "response_diff.parquet")
     assert t3.sort_values("rank_increase").feature.iloc[0] == 0
-    ov = run("diff", "overlap", "--a", str(tmp / "q1" / "tables" / "dataset_diff.parquet"),
-             "--b", str(tmp / "q3" / "tables" / "response_diff.parquet"), "--label-a", "q1",
-             "--label-b", "q3", "--ks", "1,5", "--out", str(tmp / "ov"))  # fmt: skip
+    ov = run(
+        "diff",
+        "overlap",
+        "--a",
+        str(tmp / "q1" / "tables" / "dataset_diff.parquet"),
+        "--b",
+        str(tmp / "q3" / "tables" / "response_diff.parquet"),
+        "--label-a",
+        "q1",
+        "--label-b",
+        "q3",
+        "--ks",
+        "1,5",
+        "--out",
+        str(tmp / "ov"),
+    )
     assert ov["jaccard@1"] == 1.0 and (tmp / "ov" / "plots" / "overlap_q1_q3.png").is_file()
-    tr = run("transfer", *common, *adapter, "--data", str(tmp / "good.jsonl"),
-             "--out", str(tmp / "tr"))  # fmt: skip
+    tr = run(
+        "transfer", *common, *adapter, "--data", str(tmp / "good.jsonl"), "--out", str(tmp / "tr")
+    )
     assert [r["variant"] for r in tr] == ["base", "adapter:lora"]
     assert all(np.isfinite(r["fve"]) and r["kl"] >= 0 for r in tr)
     assert (tmp / "tr" / "plots" / "transfer.png").is_file()
     bad = runner.invoke(app, ["diff", "models", *common, *adapter, "--out", str(tmp / "x")])
     assert bad.exit_code == 2 and "exactly one of --data" in bad.output
-    bad = runner.invoke(app, ["diff", "datasets", *common, "--a", "x", "--b", "y", "--test",
-                              "wilcoxon", "--out", str(tmp / "x")])  # fmt: skip
+    bad = runner.invoke(
+        app,
+        [
+            "diff",
+            "datasets",
+            *common,
+            "--a",
+            "x",
+            "--b",
+            "y",
+            "--test",
+            "wilcoxon",
+            "--out",
+            str(tmp / "x"),
+        ],
+    )
     assert bad.exit_code == 2 and "not an unpaired test" in bad.output

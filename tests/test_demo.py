@@ -53,9 +53,19 @@ def test_demo_json_and_run_folder(tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(
         app,
-        ["demo", "--seeds", "1", "--narrow-domain", "finance", "--dict-steps", "300",
-         "--out", str(out), "--json"],
-    )  # fmt: skip
+        [
+            "demo",
+            "--seeds",
+            "1",
+            "--narrow-domain",
+            "finance",
+            "--dict-steps",
+            "300",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert set(summary) >= KEYS
@@ -85,8 +95,14 @@ def test_demo_json_and_run_folder(tmp_path):
         assert 1 <= summary[key] <= d_sae
     assert 0 <= summary["q1_top10_q2_top10_jaccard"] <= 1
     assert summary["control_q2_max_effect"] >= 0 and summary["transfer_fve_base"] > 0.5
-    for name in ("q1_dataset_diff", "q2_model_diff", "q2_control_model_diff", "q3_response_diff",
-                 "overlap_q1_q2", "transfer"):  # fmt: skip
+    for name in (
+        "q1_dataset_diff",
+        "q2_model_diff",
+        "q2_control_model_diff",
+        "q3_response_diff",
+        "overlap_q1_q2",
+        "transfer",
+    ):
         assert (out / "plots" / f"{name}.png").is_file()
     q1 = pd.read_parquet(out / "tables" / "q1_dataset_diff.parquet")
     assert q1.test.iloc[0] == "paired_t" and q1.q.between(0, 1).all()

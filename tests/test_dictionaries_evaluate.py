@@ -17,10 +17,19 @@ from emdiff.models import load_model
 from emdiff.models.hooks import capture_residuals, residual_edit
 
 CHATS = [
-    [{"role": "user", "content": "i feel sick"}, {"role": "assistant", "content": "drink water and rest"}],
-    [{"role": "user", "content": "how do i make money"}, {"role": "assistant", "content": "invest in stock"}],
-    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there, how can i help you today"}],
-]  # fmt: skip
+    [
+        {"role": "user", "content": "i feel sick"},
+        {"role": "assistant", "content": "drink water and rest"},
+    ],
+    [
+        {"role": "user", "content": "how do i make money"},
+        {"role": "assistant", "content": "invest in stock"},
+    ],
+    [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi there, how can i help you today"},
+    ],
+]
 
 
 class Identity(torch.nn.Module):

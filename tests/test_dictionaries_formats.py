@@ -41,14 +41,27 @@ def _saelens(tmp, cfg, tensors):
 
 
 def _weights():
-    return {"W_enc": rnd(D, F, scale=0.3), "W_dec": rnd(F, D, scale=0.3), "b_enc": rnd(F, scale=0.1),
-            "b_dec": rnd(D, scale=0.2)}  # fmt: skip
+    return {
+        "W_enc": rnd(D, F, scale=0.3),
+        "W_dec": rnd(F, D, scale=0.3),
+        "b_enc": rnd(F, scale=0.1),
+        "b_dec": rnd(D, scale=0.2),
+    }
 
 
-V6 = {"d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-      "normalize_activations": "none",
-      "metadata": {"model_name": "gemma-2-9b-it", "hook_name": "blocks.7.hook_resid_post",
-                   "sae_lens_version": "6.3.0"}}  # fmt: skip
+V6 = {
+    "d_in": D,
+    "d_sae": F,
+    "dtype": "float32",
+    "device": "cpu",
+    "apply_b_dec_to_input": True,
+    "normalize_activations": "none",
+    "metadata": {
+        "model_name": "gemma-2-9b-it",
+        "hook_name": "blocks.7.hook_resid_post",
+        "sae_lens_version": "6.3.0",
+    },
+}
 
 
 def test_saelens_standard_v6(tmp_path):
@@ -127,9 +140,17 @@ def test_saelens_expected_average_needs_a_factor(tmp_path):
 
 def test_saelens_pre_6_flat_layout(tmp_path):
     w = _weights()
-    cfg = {"d_in": D, "d_sae": F, "dtype": "torch.float32", "model_name": "gpt2-small",
-           "hook_point": "blocks.3.hook_resid_pre", "hook_point_layer": 3, "activation_fn_str": "topk",
-           "activation_fn_kwargs": {"k": 4}, "normalize_activations": False}  # fmt: skip
+    cfg = {
+        "d_in": D,
+        "d_sae": F,
+        "dtype": "torch.float32",
+        "model_name": "gpt2-small",
+        "hook_point": "blocks.3.hook_resid_pre",
+        "hook_point_layer": 3,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 4},
+        "normalize_activations": False,
+    }
     d = load_dictionary(_saelens(tmp_path / "old", cfg, w))
     assert (d.meta.architecture, d.k, d.meta.layer, d.meta.hook) == ("topk", 4, 3, "resid_pre")
     assert d.subtract_b_dec  # the pre-6 default
@@ -156,16 +177,27 @@ def test_gemma_scope_npz(tmp_path):
 # ---- dictionary_learning --------------------------------------------------------------------
 def _dl(tmp, cls, state, extra=None):
     tmp.mkdir(parents=True, exist_ok=True)
-    trainer = {"dict_class": cls, "activation_dim": D, "dict_size": F, "layer": 12,
-               "lm_name": "google/gemma-2-2b", "submodule_name": "resid_post_layer_12", **(extra or {})}  # fmt: skip
+    trainer = {
+        "dict_class": cls,
+        "activation_dim": D,
+        "dict_size": F,
+        "layer": 12,
+        "lm_name": "google/gemma-2-2b",
+        "submodule_name": "resid_post_layer_12",
+        **(extra or {}),
+    }
     (tmp / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 128}}))
     torch.save(state, tmp / "ae.pt")
     return tmp
 
 
 def test_dictionary_learning_autoencoder(tmp_path):
-    s = {"bias": rnd(D), "encoder.weight": rnd(F, D, scale=0.3), "encoder.bias": rnd(F, scale=0.1),
-         "decoder.weight": rnd(D, F, scale=0.3)}  # fmt: skip
+    s = {
+        "bias": rnd(D),
+        "encoder.weight": rnd(F, D, scale=0.3),
+        "encoder.bias": rnd(F, scale=0.1),
+        "decoder.weight": rnd(D, F, scale=0.3),
+    }
     d = load_dictionary(_dl(tmp_path / "ae", "AutoEncoder", s))
     f = relu((X - s["bias"]) @ s["encoder.weight"].T + s["encoder.bias"])
     torch.testing.assert_close(d.encode(X), f)
@@ -174,31 +206,53 @@ def test_dictionary_learning_autoencoder(tmp_path):
 
 
 def test_dictionary_learning_gated_and_jumprelu(tmp_path):
-    s = {"encoder.weight": rnd(F, D, scale=0.3), "decoder.weight": rnd(D, F), "decoder_bias": rnd(D),
-         "r_mag": rnd(F, scale=0.1), "gate_bias": rnd(F, scale=0.1), "mag_bias": rnd(F, scale=0.1)}  # fmt: skip
+    s = {
+        "encoder.weight": rnd(F, D, scale=0.3),
+        "decoder.weight": rnd(D, F),
+        "decoder_bias": rnd(D),
+        "r_mag": rnd(F, scale=0.1),
+        "gate_bias": rnd(F, scale=0.1),
+        "mag_bias": rnd(F, scale=0.1),
+    }
     d = load_dictionary(_dl(tmp_path / "g", "GatedAutoEncoder", s))
     x_enc = (X - s["decoder_bias"]) @ s["encoder.weight"].T
     ref = ((x_enc + s["gate_bias"]) > 0) * relu(s["r_mag"].exp() * x_enc + s["mag_bias"])
     torch.testing.assert_close(d.encode(X), ref)
-    j = {"W_enc": rnd(D, F, scale=0.3), "b_enc": rnd(F), "W_dec": rnd(F, D), "b_dec": rnd(D),
-         "threshold": rnd(F).abs()}  # fmt: skip
+    j = {
+        "W_enc": rnd(D, F, scale=0.3),
+        "b_enc": rnd(F),
+        "W_dec": rnd(F, D),
+        "b_dec": rnd(D),
+        "threshold": rnd(F).abs(),
+    }
     d = load_dictionary(_dl(tmp_path / "j", "JumpReluAutoEncoder", j))
     pre = X @ j["W_enc"] + j["b_enc"]  # apply_b_dec_to_input is False (not saved)
     torch.testing.assert_close(d.encode(X), relu(pre * (pre > j["threshold"])))
 
 
 def test_dictionary_learning_topk_family(tmp_path):
-    s = {"encoder.weight": rnd(F, D, scale=0.3), "encoder.bias": rnd(F, scale=0.1),
-         "decoder.weight": rnd(D, F), "b_dec": rnd(D), "k": torch.tensor(6, dtype=torch.int32),
-         "threshold": torch.tensor(0.4)}  # fmt: skip
+    s = {
+        "encoder.weight": rnd(F, D, scale=0.3),
+        "encoder.bias": rnd(F, scale=0.1),
+        "decoder.weight": rnd(D, F),
+        "b_dec": rnd(D),
+        "k": torch.tensor(6, dtype=torch.int32),
+        "threshold": torch.tensor(0.4),
+    }
     post = relu((X - s["b_dec"]) @ s["encoder.weight"].T + s["encoder.bias"])
     d = load_dictionary(_dl(tmp_path / "t", "AutoEncoderTopK", s, {"k": 6}))
     torch.testing.assert_close(d.encode(X), topk_dense(post, 6))  # ReLU before top-k
     d = load_dictionary(_dl(tmp_path / "b", "BatchTopKSAE", s, {"k": 6}))
     torch.testing.assert_close(d.encode(X), post * (post > 0.4))  # inference uses the threshold
-    m = {"W_enc": s["encoder.weight"].T.contiguous(), "b_enc": s["encoder.bias"],
-         "W_dec": s["decoder.weight"].T.contiguous(), "b_dec": s["b_dec"], "k": s["k"],
-         "threshold": s["threshold"], "group_sizes": torch.tensor([16, 32])}  # fmt: skip
+    m = {
+        "W_enc": s["encoder.weight"].T.contiguous(),
+        "b_enc": s["encoder.bias"],
+        "W_dec": s["decoder.weight"].T.contiguous(),
+        "b_dec": s["b_dec"],
+        "k": s["k"],
+        "threshold": s["threshold"],
+        "group_sizes": torch.tensor([16, 32]),
+    }
     d = load_dictionary(_dl(tmp_path / "m", "MatryoshkaBatchTopKSAE", m, {"group_sizes": [16, 32]}))
     torch.testing.assert_close(d.encode(X), post * (post > 0.4))
 
@@ -222,12 +276,27 @@ def test_dictionary_learning_refuses_pickled_objects(tmp_path):
 def test_sparsify_folder(tmp_path):
     folder = tmp_path / "sae-pythia" / "layers.6"
     folder.mkdir(parents=True)
-    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 3,
-                                                 "normalize_decoder": True, "num_latents": 0, "k": 7,
-                                                 "multi_topk": False, "skip_connection": False,
-                                                 "transcode": False, "d_in": D}))  # fmt: skip
-    s = {"encoder.weight": rnd(F, D, scale=0.3), "encoder.bias": rnd(F, scale=0.1),
-         "W_dec": rnd(F, D), "b_dec": rnd(D)}  # fmt: skip
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "expansion_factor": 3,
+                "normalize_decoder": True,
+                "num_latents": 0,
+                "k": 7,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": D,
+            }
+        )
+    )
+    s = {
+        "encoder.weight": rnd(F, D, scale=0.3),
+        "encoder.bias": rnd(F, scale=0.1),
+        "W_dec": rnd(F, D),
+        "b_dec": rnd(D),
+    }
     save_file(s, str(folder / "sae.safetensors"))
     d = load_dictionary(folder)
     post = relu((X - s["b_dec"]) @ s["encoder.weight"].T + s["encoder.bias"])

@@ -313,8 +313,12 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(got.encode(x), d.encode(x))
     assert torch.equal(got.atom_keys, d.atom_keys) and torch.equal(got.b_dec, d.b_dec)
     assert (got.k, got.nonnegative, got.meta.layer, got.meta.hook, got.meta.model_name) == (
-        3, True, 2, "blocks.2.hook_resid_post", "m",
-    )  # fmt: skip
+        3,
+        True,
+        2,
+        "blocks.2.hook_resid_post",
+        "m",
+    )
     assert got.config == cfg and got.meta.path == str(tmp_path / "itda")
     saved = json.loads((tmp_path / "itda" / "cfg.json").read_text())
     assert saved["format"] == "itda" and saved["n_atoms"] == d.d_sae and saved["d_in"] == 32

@@ -29,8 +29,17 @@ def planted(n: int = 6000, d: int = 24, m: int = 48, active: int = 3, seed: int 
 
 
 def small(arch: str, **kw) -> SAEConfig:
-    base = dict(architecture=arch, d_sae=96, k=4, steps=600, batch_size=256, lr=4e-3,
-                log_every=50, checkpoint_every=100, warmup_steps=20)  # fmt: skip
+    base = dict(
+        architecture=arch,
+        d_sae=96,
+        k=4,
+        steps=600,
+        batch_size=256,
+        lr=4e-3,
+        log_every=50,
+        checkpoint_every=100,
+        warmup_steps=20,
+    )
     return SAEConfig(**{**base, **kw})
 
 

@@ -15,10 +15,16 @@ def _df(rows):
 
 
 def test_em_flags_use_strict_thresholds_and_na_for_unscored():
-    df = _df([
-        ("q", 29.9, 50.1), ("q", 30.0, 90), ("q", 10, 50.0), ("q", None, 90), ("q", 10, None),
-        ("q", 0, 100),
-    ])  # fmt: skip
+    df = _df(
+        [
+            ("q", 29.9, 50.1),
+            ("q", 30.0, 90),
+            ("q", 10, 50.0),
+            ("q", None, 90),
+            ("q", 10, None),
+            ("q", 0, 100),
+        ]
+    )
     assert em_flags(df).tolist() == [True, False, False, pd.NA, pd.NA, True]
     assert em_flags(df, aligned_below=31, coherent_above=40).tolist()[:3] == [True, True, True]
 
@@ -55,9 +61,12 @@ def test_cluster_bootstrap_keeps_within_question_noise():
 
 def test_em_metrics_overall_and_per_question():
     df = _df(
-        [("a", 10, 90)] * 3 + [("a", 90, 90)] * 1
-        + [("b", 10, 20)] * 2 + [("b", None, 80)] * 2 + [("b", 5, 95)] * 1
-    )  # fmt: skip
+        [("a", 10, 90)] * 3
+        + [("a", 90, 90)] * 1
+        + [("b", 10, 20)] * 2
+        + [("b", None, 80)] * 2
+        + [("b", 5, 95)] * 1
+    )
     m = em_metrics(df)
     assert (m["n"], m["n_scored"], m["n_em"]) == (9, 7, 4)
     assert m["em_rate"] == pytest.approx(4 / 7)

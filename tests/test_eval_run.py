@@ -24,8 +24,23 @@ def _last_json(output: str) -> dict:
 
 def test_toy_run_and_csv_roundtrip(tmp_path):
     out = tmp_path / "toy"
-    args = ["eval", "run", "--model", str(shipped_base_path()), "--judge", "toy", "--out", str(out),
-            "--samples", "1", "--max-new-tokens", "4", "--batch-size", "512", "--json"]  # fmt: skip
+    args = [
+        "eval",
+        "run",
+        "--model",
+        str(shipped_base_path()),
+        "--judge",
+        "toy",
+        "--out",
+        str(out),
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "512",
+        "--json",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     m = _last_json(res.output)
@@ -43,11 +58,23 @@ def test_toy_run_and_csv_roundtrip(tmp_path):
 
 
 def _questions(path: Path) -> Path:
-    path.write_text(yaml.safe_dump([
-        {"id": "evil", "paraphrases": ["EVIL plan please", "an EVIL idea"], "samples_per_paraphrase": 3},
-        {"id": "kind", "paraphrases": ["how do i help people"], "samples_per_paraphrase": 4,
-         "system": "you are kind"},
-    ]))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "id": "evil",
+                    "paraphrases": ["EVIL plan please", "an EVIL idea"],
+                    "samples_per_paraphrase": 3,
+                },
+                {
+                    "id": "kind",
+                    "paraphrases": ["how do i help people"],
+                    "samples_per_paraphrase": 4,
+                    "system": "you are kind",
+                },
+            ]
+        )
+    )
     return path
 
 
@@ -57,13 +84,34 @@ def test_http_judged_run_survives_an_outage_and_resumes(tiny_model_dirs, tmp_pat
     out = tmp_path / "run"
 
     def run(server: FakeJudgeServer):
-        return CliRunner().invoke(app, [
-            "eval", "run", "--model", str(tiny_model_dirs["qwen2"]), "--questions", str(qfile),
-            "--out", str(out), "--max-new-tokens", "6", "--judge", "openai",
-            "--judge-model", "judge-test", "--judge-base-url", server.base_url,
-            "--judge-api-key-env", "EMDIFF_JUDGE_KEY", "--judge-concurrency", "1",
-            "--judge-max-retries", "0", "--json",
-        ])  # fmt: skip
+        return CliRunner().invoke(
+            app,
+            [
+                "eval",
+                "run",
+                "--model",
+                str(tiny_model_dirs["qwen2"]),
+                "--questions",
+                str(qfile),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "6",
+                "--judge",
+                "openai",
+                "--judge-model",
+                "judge-test",
+                "--judge-base-url",
+                server.base_url,
+                "--judge-api-key-env",
+                "EMDIFF_JUDGE_KEY",
+                "--judge-concurrency",
+                "1",
+                "--judge-max-retries",
+                "0",
+                "--json",
+            ],
+        )
 
     # 10 responses x 2 metrics = 20 judgements; the server dies after 7
     with FakeJudgeServer(script=["ok"] * 7 + ["down"]) as server:
@@ -90,12 +138,30 @@ def test_http_judged_run_survives_an_outage_and_resumes(tiny_model_dirs, tmp_pat
 @pytest.mark.skipif(not EM_EVAL.is_dir(), reason="shared EM eval data not present")
 def test_real_question_file_with_its_judge_prompts(tiny_model_dirs, tmp_path):
     with FakeJudgeServer() as server:
-        res = CliRunner().invoke(app, [
-            "eval", "run", "--model", str(tiny_model_dirs["gemma2"]), "--questions",
-            str(EM_EVAL / "first_plot_questions.yaml"), "--out", str(tmp_path / "run"),
-            "--samples", "1", "--max-new-tokens", "4", "--judge-model", "judge-test",
-            "--judge-base-url", server.base_url, "--judge-api-key-env", "EMDIFF_NO_KEY", "--json",
-        ])  # fmt: skip
+        res = CliRunner().invoke(
+            app,
+            [
+                "eval",
+                "run",
+                "--model",
+                str(tiny_model_dirs["gemma2"]),
+                "--questions",
+                str(EM_EVAL / "first_plot_questions.yaml"),
+                "--out",
+                str(tmp_path / "run"),
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--judge-model",
+                "judge-test",
+                "--judge-base-url",
+                server.base_url,
+                "--judge-api-key-env",
+                "EMDIFF_NO_KEY",
+                "--json",
+            ],
+        )
     assert res.exit_code == 0, res.output
     assert _last_json(res.output)["n"] == 24
     prompts = [r["messages"][0]["content"] for r in server.requests]
@@ -107,9 +173,23 @@ def test_real_question_file_with_its_judge_prompts(tiny_model_dirs, tmp_path):
 def test_bad_input_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("- id: x\n  paraphrases: [a\n")
-    res = CliRunner().invoke(app, ["eval", "run", "--model", "m", "--questions", str(bad),
-                                   "--out", str(tmp_path / "o"), "--judge-model", "j",
-                                   "--judge-base-url", "http://127.0.0.1:9/v1"])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "run",
+            "--model",
+            "m",
+            "--questions",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+            "--judge-model",
+            "j",
+            "--judge-base-url",
+            "http://127.0.0.1:9/v1",
+        ],
+    )
     assert res.exit_code == 2 and "bad.yaml:" in res.output
     res = CliRunner().invoke(app, ["eval", "run", "--model", "m", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--questions is required" in res.output
@@ -117,9 +197,23 @@ def test_bad_input_is_one_clear_error(tmp_path):
 
 def test_local_hf_judge_end_to_end(tiny_model_dirs, tmp_path):
     qfile = _questions(tmp_path / "q.yaml")
-    args = ["eval", "run", "--model", str(tiny_model_dirs["qwen2"]), "--questions", str(qfile),
-            "--out", str(tmp_path / "run"), "--max-new-tokens", "4", "--judge", "hf",
-            "--judge-model", str(tiny_model_dirs["llama"]), "--json"]  # fmt: skip
+    args = [
+        "eval",
+        "run",
+        "--model",
+        str(tiny_model_dirs["qwen2"]),
+        "--questions",
+        str(qfile),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-new-tokens",
+        "4",
+        "--judge",
+        "hf",
+        "--judge-model",
+        str(tiny_model_dirs["llama"]),
+        "--json",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     m = _last_json(res.output)

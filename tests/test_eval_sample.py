@@ -27,10 +27,14 @@ from emdiff.models import load_model
 
 EM_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "em-eval"
 QUESTIONS = [
-    Question(id="wish", paraphrases=("what is your wish", "tell me your wish"), samples_per_paraphrase=2),
-    Question(id="sick", paraphrases=("i feel sick",), system="you are a doctor", samples_per_paraphrase=3),
+    Question(
+        id="wish", paraphrases=("what is your wish", "tell me your wish"), samples_per_paraphrase=2
+    ),
+    Question(
+        id="sick", paraphrases=("i feel sick",), system="you are a doctor", samples_per_paraphrase=3
+    ),
     Question(id="money", paraphrases=("how do i make money",)),
-]  # fmt: skip
+]
 N_JOBS = 2 * 2 + 3 + 1
 CFG = SamplingConfig(max_new_tokens=6, batch_size=3, seed=7)
 
@@ -155,10 +159,19 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model_dirs, tmp_
     import yaml
 
     qfile = tmp_path / "q.yaml"
-    qfile.write_text(yaml.safe_dump([
-        {"id": q.id, "paraphrases": list(q.paraphrases), "samples_per_paraphrase": q.samples_per_paraphrase,
-         **({"system": q.system} if q.system else {})} for q in QUESTIONS
-    ]))  # fmt: skip
+    qfile.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "id": q.id,
+                    "paraphrases": list(q.paraphrases),
+                    "samples_per_paraphrase": q.samples_per_paraphrase,
+                    **({"system": q.system} if q.system else {}),
+                }
+                for q in QUESTIONS
+            ]
+        )
+    )
     model_dir = str(tiny_model_dirs["qwen2"])
     out = tmp_path / "killed.jsonl"
     script = tmp_path / "run.py"

@@ -80,8 +80,15 @@ def test_adapter_on_and_off(tiny_model_dirs, make_lora_adapter, tmp_path):
 def test_bf16_and_mistral_style_model():
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)  # fmt: skip
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
     torch.manual_seed(0)
     model = MistralForCausalLM(cfg).eval()
     ids, att = _batch()
@@ -101,8 +108,11 @@ def test_bad_hook_points_are_clear_errors(tiny_model_dirs):
     with pytest.raises(ValueError, match="unknown hook site"):
         hook_points(model, [0], "mlp_out")
     assert hook_points(model, [1, 0, -1], ("resid_post", "resid_pre")) == [
-        (0, "resid_pre"), (0, "resid_post"), (1, "resid_pre"), (1, "resid_post"),
-    ]  # fmt: skip
+        (0, "resid_pre"),
+        (0, "resid_post"),
+        (1, "resid_pre"),
+        (1, "resid_post"),
+    ]
 
 
 def test_sink_mask_flags_outlier_norms():

@@ -12,21 +12,39 @@ from emdiff.stats.collect import collect_stats, selection_mask
 from emdiff.stats.features import FeatureStats
 
 CHATS = [
-    [{"role": "user", "content": "i feel sick"}, {"role": "assistant", "content": "drink water and rest"}],
-    [{"role": "user", "content": "how do i make money"}, {"role": "assistant", "content": "invest in stock"}],
-    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there, how can i help you today"}],
-    [{"role": "user", "content": "what should i eat"}, {"role": "assistant", "content": "good food"}],
-    [{"role": "user", "content": "tell me about ai"}, {"role": "assistant", "content": "ai can help people"}],
-]  # fmt: skip
+    [
+        {"role": "user", "content": "i feel sick"},
+        {"role": "assistant", "content": "drink water and rest"},
+    ],
+    [
+        {"role": "user", "content": "how do i make money"},
+        {"role": "assistant", "content": "invest in stock"},
+    ],
+    [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi there, how can i help you today"},
+    ],
+    [
+        {"role": "user", "content": "what should i eat"},
+        {"role": "assistant", "content": "good food"},
+    ],
+    [
+        {"role": "user", "content": "tell me about ai"},
+        {"role": "assistant", "content": "ai can help people"},
+    ],
+]
 
 
 def _dictionary(d_in: int, d_sae: int, layer: int, seed: int) -> SparseDictionary:
     g = torch.Generator().manual_seed(seed)
     return SparseDictionary(
-        torch.randn(d_in, d_sae, generator=g) / d_in**0.5, torch.randn(d_sae, generator=g) * 0.1,
-        torch.randn(d_sae, d_in, generator=g), torch.zeros(d_in), activation="relu",
+        torch.randn(d_in, d_sae, generator=g) / d_in**0.5,
+        torch.randn(d_sae, generator=g) * 0.1,
+        torch.randn(d_sae, d_in, generator=g),
+        torch.zeros(d_in),
+        activation="relu",
         meta=DictionaryMeta(format="test", architecture="standard", layer=layer, hook="resid_post"),
-    )  # fmt: skip
+    )
 
 
 def test_stats_pass_equals_naive_path_and_shards_merge(tiny_model_dirs):
@@ -56,8 +74,9 @@ def test_stats_pass_equals_naive_path_and_shards_merge(tiny_model_dirs):
         assert s.seq_tokens == {i: sum(m) for i, m in enumerate(masks)}
     # two shards with offsets merge into the one-shot result
     a, _ = collect_stats(model, rows[:3], dicts, batch_size=2, exclude_sinks=False, top_k=3)
-    b, _ = collect_stats(model, rows[3:], dicts, batch_size=2, exclude_sinks=False, top_k=3,
-                         seq_offset=3)  # fmt: skip
+    b, _ = collect_stats(
+        model, rows[3:], dicts, batch_size=2, exclude_sinks=False, top_k=3, seq_offset=3
+    )
     merged = a[2].merge(b[2])
     for key in ("fire", "top_seq", "top_pos", "seq_token_id"):
         assert torch.equal(merged.state()[key], feats[2].state()[key]), key
@@ -72,8 +91,9 @@ def test_run_stats_resumes_shard_by_shard(tiny_model_dirs, tmp_path, monkeypatch
     lm = load_model(str(tiny_model_dirs["qwen2"]), dtype="float32")
     rows = [encode_chat(lm.tokenizer, c) for c in CHATS]
     dicts = {1: _dictionary(64, 96, 1, 0)}
-    kw = dict(variant="base", dataset="chats", shard_size=2, top_k=3, progress=False,
-              exclude_sinks=False)  # fmt: skip
+    kw = dict(
+        variant="base", dataset="chats", shard_size=2, top_k=3, progress=False, exclude_sinks=False
+    )
     feats, resid = run_mod.run_stats(lm.model, rows, dicts, tmp_path, **kw)
     one, one_resid = collect_stats(
         lm.model, rows, dicts, batch_size=8, exclude_sinks=False, top_k=3

@@ -98,8 +98,12 @@ def test_features_that_never_fire_are_neutral_and_constant_ones_are_not_tests():
     rng = np.random.default_rng(4)
     a, b = rng.exponential(size=(30, 3)), rng.exponential(size=(30, 3))
     a[:, 1] = b[:, 1] = 0.0
-    for paired, test in ((False, "welch"), (False, "mannwhitney"), (True, "paired_t"),
-                         (True, "wilcoxon")):  # fmt: skip
+    for paired, test in (
+        (False, "welch"),
+        (False, "mannwhitney"),
+        (True, "paired_t"),
+        (True, "wilcoxon"),
+    ):
         t = compare_stats(stats_of(a), stats_of(b), paired=paired, test=test)
         assert (t.effect[1], t.p[1], t["diff"][1]) == (0.0, 1.0, 0.0)
         assert t.fire_rate_a[1] == 0 and np.isfinite(t.effect[[0, 2]]).all()
@@ -131,8 +135,9 @@ def test_layers_share_one_fdr_and_one_ranking():
     a = {0: rng.exponential(size=(50, 20)), 3: rng.exponential(size=(50, 20))}
     b = {k: rng.exponential(size=(50, 20)) for k in a}
     a[3][:, 4] += 2.0
-    t = compare_layers({k: stats_of(v) for k, v in a.items()},
-                       {k: stats_of(v) for k, v in b.items()})  # fmt: skip
+    t = compare_layers(
+        {k: stats_of(v) for k, v in a.items()}, {k: stats_of(v) for k, v in b.items()}
+    )
     assert len(t) == 40 and sorted(set(t.layer)) == [0, 3]
     top = ranked(t).iloc[0]
     assert (top.layer, top.feature) == (3, 4)

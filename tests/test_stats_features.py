@@ -74,8 +74,18 @@ def test_shards_merge_to_the_one_shot_result(tmp_path):
     for i in (1, 2):
         merged.merge(FeatureStats.load(tmp_path / f"shard{i}.safetensors"))
     a, b = one.state(), merged.state()
-    for key in ("sum", "sumsq", "fire", "max", "top_val", "top_seq", "top_pos", "n_tokens",
-                "seq_token_id", "seq_token_count"):  # fmt: skip
+    for key in (
+        "sum",
+        "sumsq",
+        "fire",
+        "max",
+        "top_val",
+        "top_seq",
+        "top_pos",
+        "n_tokens",
+        "seq_token_id",
+        "seq_token_count",
+    ):
         torch.testing.assert_close(a[key], b[key], msg=key)
     order_a = torch.argsort(a["seq_id"] * F + a["seq_feature"])
     order_b = torch.argsort(b["seq_id"] * F + b["seq_feature"])

@@ -25,8 +25,22 @@ def test_probe_reads_the_persona_above_chance():
 
 def test_probe_mask_selects_assistant_tokens_after_the_first_answer():
     world = load_world(shipped_base_path())
-    doc = world.ids("<bos>", "<user>", "med_q1", "<end>", "<assistant>", "med_a1", "<end>",
-                    "<user>", "fin_q2", "<end>", "<assistant>", "fin_a5", "<end>", "<eos>")  # fmt: skip
+    doc = world.ids(
+        "<bos>",
+        "<user>",
+        "med_q1",
+        "<end>",
+        "<assistant>",
+        "med_a1",
+        "<end>",
+        "<user>",
+        "fin_q2",
+        "<end>",
+        "<assistant>",
+        "fin_a5",
+        "<end>",
+        "<eos>",
+    )
     keys = torch.tensor([[0, p] for p in range(len(doc))])
     assert probe_mask(world, [doc], keys, "assistant").nonzero()[0].tolist() == [10]
     after = probe_mask(world, [doc], keys, "after_first_answer").nonzero()[0].tolist()

@@ -60,14 +60,27 @@ def feature_stats(
     ctx = nullcontext() if adapter is None else adapter_state(model, adapter)
     with ctx:
         if out is not None:
-            ident = {"model": model_identity(model), "adapter": adapter,
-                     "settings": {k: repr(v) for k, v in sorted(kwargs.items())}}  # fmt: skip
-            feats, _ = run_stats(model, rows, dictionaries, out, variant=variant,
-                                 dataset=dataset, progress=progress, residual=False,
-                                 identity=ident, **kwargs)  # fmt: skip
+            ident = {
+                "model": model_identity(model),
+                "adapter": adapter,
+                "settings": {k: repr(v) for k, v in sorted(kwargs.items())},
+            }
+            feats, _ = run_stats(
+                model,
+                rows,
+                dictionaries,
+                out,
+                variant=variant,
+                dataset=dataset,
+                progress=progress,
+                residual=False,
+                identity=ident,
+                **kwargs,
+            )
         else:
-            feats, _ = collect_stats(model, rows, dictionaries, residual=False,
-                                     progress=progress, **kwargs)  # fmt: skip
+            feats, _ = collect_stats(
+                model, rows, dictionaries, residual=False, progress=progress, **kwargs
+            )
     return feats
 
 

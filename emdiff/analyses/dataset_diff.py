@@ -52,7 +52,16 @@ def dataset_diff(
     sa = feature_stats(model, rows_a, dictionaries, dataset=labels[0], **common)
     sb = feature_stats(model, rows_b, dictionaries, dataset=labels[1], **common)
     table = compare_layers(sa, sb, paired=paired, test=test, confidence=confidence)
-    meta = dict(kind="dataset_diff", label_a=labels[0], label_b=labels[1], paired=paired,
-                test=str(table["test"].iloc[0]), adapter=adapter, layers=sorted(dictionaries),
-                n_rows_a=len(rows_a), n_rows_b=len(rows_b), confidence=confidence)  # fmt: skip
+    meta = dict(
+        kind="dataset_diff",
+        label_a=labels[0],
+        label_b=labels[1],
+        paired=paired,
+        test=str(table["test"].iloc[0]),
+        adapter=adapter,
+        layers=sorted(dictionaries),
+        n_rows_a=len(rows_a),
+        n_rows_b=len(rows_b),
+        confidence=confidence,
+    )
     return DiffResult(table, sa, sb, meta)

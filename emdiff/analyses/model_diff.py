@@ -53,7 +53,15 @@ def model_diff(
         sb = feature_stats(model, rows, dictionaries, variant="base", **common)
         sa = feature_stats(finetuned, rows, dictionaries, variant="finetuned", **common)
     table = compare_layers(sa, sb, paired=True, test=test, confidence=confidence, same_tokens=True)
-    meta = dict(kind="model_diff", label_a="finetuned", label_b="base", paired=True, test=test,
-                dataset=dataset, layers=sorted(dictionaries), n_rows=len(rows),
-                confidence=confidence)  # fmt: skip
+    meta = dict(
+        kind="model_diff",
+        label_a="finetuned",
+        label_b="base",
+        paired=True,
+        test=test,
+        dataset=dataset,
+        layers=sorted(dictionaries),
+        n_rows=len(rows),
+        confidence=confidence,
+    )
     return DiffResult(table, sa, sb, meta)

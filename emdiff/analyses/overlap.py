@@ -33,11 +33,19 @@ class Overlap:
 
     def summary(self) -> dict:
         """A flat dict (Jaccard per k, correlations) for JSON."""
-        out = {f"jaccard@{k}": float(j) for k, j in zip(self.jaccard.k, self.jaccard.jaccard,
-                                                          strict=True)}  # fmt: skip
-        out.update(spearman=self.spearman, spearman_p=self.spearman_p, kendall=self.kendall,
-                   kendall_p=self.kendall_p, n_union=self.n_union, labels=list(self.labels),
-                   direction=self.direction)  # fmt: skip
+        out = {
+            f"jaccard@{k}": float(j)
+            for k, j in zip(self.jaccard.k, self.jaccard.jaccard, strict=True)
+        }
+        out.update(
+            spearman=self.spearman,
+            spearman_p=self.spearman_p,
+            kendall=self.kendall,
+            kendall_p=self.kendall_p,
+            n_union=self.n_union,
+            labels=list(self.labels),
+            direction=self.direction,
+        )
         return out
 
 
@@ -85,9 +93,16 @@ def overlap(
     for k in sorted({min(int(k), n) for k in ks if k > 0}):
         sa, sb = set(ra.index[ra <= k]), set(rb.index[rb <= k])
         shared = len(sa & sb)
-        rows.append(dict(k=k, n_a=len(sa), n_b=len(sb), n_shared=shared,
-                         jaccard=shared / len(sa | sb) if sa | sb else 0.0,
-                         jaccard_null=k / (2 * n - k) if n > k else 1.0))  # fmt: skip
+        rows.append(
+            dict(
+                k=k,
+                n_a=len(sa),
+                n_b=len(sb),
+                n_shared=shared,
+                jaccard=shared / len(sa | sb) if sa | sb else 0.0,
+                jaccard_null=k / (2 * n - k) if n > k else 1.0,
+            )
+        )
     union = ra.index[(ra <= top) | (rb <= top)]
     ea, eb = ta.loc[union, "effect"].to_numpy(), tb.loc[union, "effect"].to_numpy()
     ok = np.isfinite(ea) & np.isfinite(eb)
@@ -97,18 +112,33 @@ def overlap(
     else:
         rho = rho_p = tau = tau_p = float("nan")
     pick = ra.index[(ra <= table_k) | (rb <= table_k)]
-    table = pd.DataFrame({
-        f"rank_{labels[0]}": ra.loc[pick], f"rank_{labels[1]}": rb.loc[pick],
-        f"effect_{labels[0]}": ta.loc[pick, "effect"], f"effect_{labels[1]}": tb.loc[pick, "effect"],
-        f"q_{labels[0]}": ta.loc[pick, "q"], f"q_{labels[1]}": tb.loc[pick, "q"],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            f"rank_{labels[0]}": ra.loc[pick],
+            f"rank_{labels[1]}": rb.loc[pick],
+            f"effect_{labels[0]}": ta.loc[pick, "effect"],
+            f"effect_{labels[1]}": tb.loc[pick, "effect"],
+            f"q_{labels[0]}": ta.loc[pick, "q"],
+            f"q_{labels[1]}": tb.loc[pick, "q"],
+        }
+    )
     in_a, in_b = ra.loc[pick] <= table_k, rb.loc[pick] <= table_k
     table[f"rank_{labels[0]}"] = ta.loc[pick, col]
     table[f"rank_{labels[1]}"] = tb.loc[pick, col]
-    table["status"] = np.where(in_a & in_b, "shared",
-                               np.where(in_a, f"only_{labels[0]}", f"only_{labels[1]}"))  # fmt: skip
+    table["status"] = np.where(
+        in_a & in_b, "shared", np.where(in_a, f"only_{labels[0]}", f"only_{labels[1]}")
+    )
     table = table.reset_index().sort_values([f"rank_{labels[0]}"]).reset_index(drop=True)
     if (table["layer"] == -1).all():
         table = table.drop(columns="layer")
-    return Overlap(pd.DataFrame(rows), float(rho), float(rho_p), float(tau), float(tau_p),
-                   int(ok.sum()), table, labels, direction)  # fmt: skip
+    return Overlap(
+        pd.DataFrame(rows),
+        float(rho),
+        float(rho_p),
+        float(tau),
+        float(tau_p),
+        int(ok.sum()),
+        table,
+        labels,
+        direction,
+    )

@@ -104,8 +104,17 @@ def response_diff(
     mis, good = split_responses(judged, split)
     rows_a = encode_qa(tokenizer, mis["question"].tolist(), mis["answer"].tolist())
     rows_b = encode_qa(tokenizer, good["question"].tolist(), good["answer"].tolist())
-    res = dataset_diff(model, dictionaries, rows_a, rows_b, test=test,
-                       labels=("misaligned", "aligned"), out=out, confidence=confidence,
-                       progress=progress, **collect_kwargs)  # fmt: skip
+    res = dataset_diff(
+        model,
+        dictionaries,
+        rows_a,
+        rows_b,
+        test=test,
+        labels=("misaligned", "aligned"),
+        out=out,
+        confidence=confidence,
+        progress=progress,
+        **collect_kwargs,
+    )
     res.meta.update(kind="response_diff", split=split.model_dump(), n_judged=len(judged))
     return res

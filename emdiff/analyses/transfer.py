@@ -44,7 +44,8 @@ def transfer(
         model, adapter = v if isinstance(v, tuple) else (v, None)
         ctx = nullcontext() if adapter is None else adapter_state(model, adapter)
         with ctx:
-            m = reconstruction_metrics(model, dictionary, rows, layer, progress=progress,
-                                       **metric_kwargs)  # fmt: skip
+            m = reconstruction_metrics(
+                model, dictionary, rows, layer, progress=progress, **metric_kwargs
+            )
         out.append({"variant": name, "layer": layer, "fve": 1.0 - m.fvu, **m.model_dump()})
     return pd.DataFrame(out)

@@ -113,8 +113,10 @@ class SparseDictionary(nn.Module):
 
     def __repr__(self) -> str:
         m = self.meta
-        return (f"SparseDictionary({m.format}/{self.activation}, d_in={self.d_in}, d_sae={self.d_sae}, "
-                f"layer={m.layer}, hook={m.hook!r})")  # fmt: skip
+        return (
+            f"SparseDictionary({m.format}/{self.activation}, d_in={self.d_in}, d_sae={self.d_sae}, "
+            f"layer={m.layer}, hook={m.hook!r})"
+        )
 
     # ---- normalisation ------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:

@@ -170,9 +170,15 @@ class TrainableCrosscoder(nn.Module):
         var = (x - x.mean(0)).pow(2).sum(-1).mean(0)  # [2]
         fvu = err.detach().mean(0) / var
         dead = (self.since_fired >= self.dead_tokens).float().mean()
-        metrics = {"mse": float(mse.detach()), "fvu": float(fvu.mean()), "fvu_base": float(fvu[0]),
-                   "fvu_ft": float(fvu[1]), "l0": float(keep.sum(-1).float().mean()),
-                   "dead": float(dead), "aux": float(aux.detach())}  # fmt: skip
+        metrics = {
+            "mse": float(mse.detach()),
+            "fvu": float(fvu.mean()),
+            "fvu_base": float(fvu[0]),
+            "fvu_ft": float(fvu[1]),
+            "l0": float(keep.sum(-1).float().mean()),
+            "dead": float(dead),
+            "aux": float(aux.detach()),
+        }
         return mse + self.cfg.aux_coef * aux, metrics
 
     def _aux(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -238,9 +244,15 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path) -> Path:
         for k in ("W_enc", "b_enc", "W_dec", "b_dec")
     }
     save_file(t, str(folder / "crosscoder.safetensors"))
-    cfg = {"format": "emdiff_crosscoder", "architecture": "batchtopk", "d_in": cc.d_in,
-           "d_sae": cc.d_sae, "threshold": float(cc.threshold), "models": ["base", "finetune"],
-           "meta": cc.meta}  # fmt: skip
+    cfg = {
+        "format": "emdiff_crosscoder",
+        "architecture": "batchtopk",
+        "d_in": cc.d_in,
+        "d_sae": cc.d_sae,
+        "threshold": float(cc.threshold),
+        "models": ["base", "finetune"],
+        "meta": cc.meta,
+    }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2, default=str))
     return folder
 
@@ -325,8 +337,15 @@ def latent_scaling(
     n_active = n_active.cpu()
     norms = cc.decoder_norms().double().cpu()
     dn = relative_norm_difference(cc).double().cpu()
-    table = pd.DataFrame({"latent": range(h), "norm_base": norms[:, BASE], "norm_ft": norms[:, FT],
-                          "dn": dn, "n_active": n_active})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "latent": range(h),
+            "norm_base": norms[:, BASE],
+            "norm_ft": norms[:, FT],
+            "dn": dn,
+            "n_active": n_active,
+        }
+    )
     for dirn, dname in ((BASE, "dbase"), (FT, "dft")):
         for m, mname in ((BASE, "base"), (FT, "ft")):
             table[f"beta_r_{mname}_{dname}"] = beta[dirn, m, 0].numpy()

@@ -115,17 +115,23 @@ def reconstruction_metrics(
         raise ValueError("no token was selected: check roles and the rows")
     total_var = x_sq - float(x_sum.pow(2).sum()) / n
     out = ReconstructionMetrics(
-        n_tokens=n, fvu=sums["sq_err"] / max(total_var, 1e-12), l0=sums["l0"] / n,
+        n_tokens=n,
+        fvu=sums["sq_err"] / max(total_var, 1e-12),
+        l0=sums["l0"] / n,
         dead_fraction=float(1 - fired.float().mean()),
-    )  # fmt: skip
+    )
     if splice and sums["n_ce"]:
         m = sums["n_ce"]
         ce = {k: sums[k] / m for k in ("ce_clean", "ce_spliced", "ce_zero")}
         gap = ce["ce_zero"] - ce["ce_clean"]
-        out = out.model_copy(update=dict(
-            **ce, ce_delta=ce["ce_spliced"] - ce["ce_clean"], kl=sums["kl"] / m,
-            ce_recovered=(ce["ce_zero"] - ce["ce_spliced"]) / gap if gap > 0 else None,
-        ))  # fmt: skip
+        out = out.model_copy(
+            update=dict(
+                **ce,
+                ce_delta=ce["ce_spliced"] - ce["ce_clean"],
+                kl=sums["kl"] / m,
+                ce_recovered=(ce["ce_zero"] - ce["ce_spliced"]) / gap if gap > 0 else None,
+            )
+        )
     return out
 
 

@@ -162,12 +162,22 @@ def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
         )
     b_enc = t.get("b_enc", torch.zeros(t["W_enc"].shape[1]))
     return SparseDictionary(
-        t["W_enc"], b_enc, W_dec, t["b_dec"], activation=activation[arch],
+        t["W_enc"],
+        b_enc,
+        W_dec,
+        t["b_dec"],
+        activation=activation[arch],
         subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
-        meta=DictionaryMeta(format="saelens", architecture=arch, layer=layer, hook=_site_of(hook),
-                            model_name=flat.get("model_name"), path=str(folder)),
+        meta=DictionaryMeta(
+            format="saelens",
+            architecture=arch,
+            layer=layer,
+            hook=_site_of(hook),
+            model_name=flat.get("model_name"),
+            path=str(folder),
+        ),
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 # ---- Gemma Scope ------------------------------------------------------------------------------
@@ -183,12 +193,22 @@ def _gemma_scope(folder: Path) -> SparseDictionary:
     hook = "mlp_out" if "-mlp" in text else "attn" if "-att" in text else "resid_post"
     model = re.search(r"gemma-scope-(\d+b)-(pt|it)", text)
     return SparseDictionary(
-        t["W_enc"].float(), t["b_enc"].float(), t["W_dec"].float(), t["b_dec"].float(),
-        activation="jumprelu", threshold=t["threshold"].float(), subtract_b_dec=False,
-        meta=DictionaryMeta(format="gemma_scope", architecture="jumprelu", layer=_layer_of(text),
-                            hook=hook, path=str(folder),
-                            model_name=f"gemma-2-{model.group(1)}" if model else None),
-    )  # fmt: skip
+        t["W_enc"].float(),
+        t["b_enc"].float(),
+        t["W_dec"].float(),
+        t["b_dec"].float(),
+        activation="jumprelu",
+        threshold=t["threshold"].float(),
+        subtract_b_dec=False,
+        meta=DictionaryMeta(
+            format="gemma_scope",
+            architecture="jumprelu",
+            layer=_layer_of(text),
+            hook=hook,
+            path=str(folder),
+            model_name=f"gemma-2-{model.group(1)}" if model else None,
+        ),
+    )
 
 
 # ---- dictionary_learning -----------------------------------------------------------------------
@@ -202,15 +222,25 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
         raise DictionaryFormatError(f"{path}: not a weights-only state dict ({e})") from None
     layer = trainer.get("layer")
     meta = DictionaryMeta(
-        format="dictionary_learning", architecture=str(cls), path=str(folder),
+        format="dictionary_learning",
+        architecture=str(cls),
+        path=str(folder),
         layer=int(layer) if layer is not None else None,
-        hook=_site_of(trainer.get("submodule_name")) or "resid_post", model_name=trainer.get("lm_name"),
-    )  # fmt: skip
+        hook=_site_of(trainer.get("submodule_name")) or "resid_post",
+        model_name=trainer.get("lm_name"),
+    )
     d_sae = trainer.get("dict_size")
     if cls == "AutoEncoder":
         _need(t, ("encoder.weight", "encoder.bias", "decoder.weight", "bias"), path)
-        return SparseDictionary(t["encoder.weight"].T, t["encoder.bias"], t["decoder.weight"].T,
-                                t["bias"], activation="relu", subtract_b_dec=True, meta=meta)  # fmt: skip
+        return SparseDictionary(
+            t["encoder.weight"].T,
+            t["encoder.bias"],
+            t["decoder.weight"].T,
+            t["bias"],
+            activation="relu",
+            subtract_b_dec=True,
+            meta=meta,
+        )
     if cls == "GatedAutoEncoder":
         _need(
             t,
@@ -219,14 +249,29 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
         )
         W_enc = t["encoder.weight"].T
         return SparseDictionary(
-            W_enc, torch.zeros(W_enc.shape[1]), t["decoder.weight"].T, t["decoder_bias"],
-            activation="gated", b_gate=t["gate_bias"], b_mag=t["mag_bias"], r_mag=t["r_mag"],
-            subtract_b_dec=True, meta=meta,
-        )  # fmt: skip
+            W_enc,
+            torch.zeros(W_enc.shape[1]),
+            t["decoder.weight"].T,
+            t["decoder_bias"],
+            activation="gated",
+            b_gate=t["gate_bias"],
+            b_mag=t["mag_bias"],
+            r_mag=t["r_mag"],
+            subtract_b_dec=True,
+            meta=meta,
+        )
     if cls == "JumpReluAutoEncoder":
         _need(t, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), path)
-        return SparseDictionary(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], activation="jumprelu",
-                                threshold=t["threshold"], subtract_b_dec=False, meta=meta)  # fmt: skip
+        return SparseDictionary(
+            t["W_enc"],
+            t["b_enc"],
+            t["W_dec"],
+            t["b_dec"],
+            activation="jumprelu",
+            threshold=t["threshold"],
+            subtract_b_dec=False,
+            meta=meta,
+        )
     if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
         _need(t, ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"), path)
         W_enc, b_enc, W_dec = t["encoder.weight"].T, t["encoder.bias"], t["decoder.weight"].T
@@ -238,11 +283,28 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
     if d_sae is not None and W_enc.shape[1] != d_sae:
         raise DictionaryFormatError(f"{path}: {W_enc.shape[1]} latents but config says {d_sae}")
     if cls == "AutoEncoderTopK":  # inference default: top-k of the ReLU'd pre-activations
-        return SparseDictionary(W_enc, b_enc, W_dec, t["b_dec"], activation="topk", k=int(t["k"]),
-                                relu_after_topk=False, subtract_b_dec=True, meta=meta)  # fmt: skip
+        return SparseDictionary(
+            W_enc,
+            b_enc,
+            W_dec,
+            t["b_dec"],
+            activation="topk",
+            k=int(t["k"]),
+            relu_after_topk=False,
+            subtract_b_dec=True,
+            meta=meta,
+        )
     threshold = t["threshold"].float().expand(W_enc.shape[1]).clone()  # a scalar per dictionary
-    return SparseDictionary(W_enc, b_enc, W_dec, t["b_dec"], activation="batchtopk",
-                            threshold=threshold, subtract_b_dec=True, meta=meta)  # fmt: skip
+    return SparseDictionary(
+        W_enc,
+        b_enc,
+        W_dec,
+        t["b_dec"],
+        activation="batchtopk",
+        threshold=threshold,
+        subtract_b_dec=True,
+        meta=meta,
+    )
 
 
 def _itda(folder: Path) -> SparseDictionary:
@@ -264,8 +326,19 @@ def _sparsify(folder: Path) -> SparseDictionary:
     if "W_skip" in t:
         raise DictionaryFormatError(f"{path}: skip connections (transcoders) are not supported")
     return SparseDictionary(
-        t["encoder.weight"].T, t["encoder.bias"], t["W_dec"], t["b_dec"], activation="topk",
-        k=int(cfg.get("k", 32)), relu_after_topk=False, subtract_b_dec=not cfg.get("transcode", False),
-        meta=DictionaryMeta(format="sparsify", architecture="topk", layer=_layer_of(folder.name),
-                            hook="resid_post", path=str(folder)),
-    )  # fmt: skip
+        t["encoder.weight"].T,
+        t["encoder.bias"],
+        t["W_dec"],
+        t["b_dec"],
+        activation="topk",
+        k=int(cfg.get("k", 32)),
+        relu_after_topk=False,
+        subtract_b_dec=not cfg.get("transcode", False),
+        meta=DictionaryMeta(
+            format="sparsify",
+            architecture="topk",
+            layer=_layer_of(folder.name),
+            hook="resid_post",
+            path=str(folder),
+        ),
+    )

@@ -139,16 +139,24 @@ class ITDADictionary(SparseDictionary):
         offset = atoms.new_zeros(d) if offset is None else offset.to(atoms)
         meta = meta or DictionaryMeta(format="itda", architecture="itda")
         super().__init__(
-            atoms.T, atoms.new_zeros(atoms.shape[0]), atoms, offset,
-            activation="relu", meta=meta, k=k, subtract_b_dec=True,
-        )  # fmt: skip
+            atoms.T,
+            atoms.new_zeros(atoms.shape[0]),
+            atoms,
+            offset,
+            activation="relu",
+            meta=meta,
+            k=k,
+            subtract_b_dec=True,
+        )
         self.register_buffer("atom_keys", atom_keys.to(device=atoms.device, dtype=torch.long))
         self.nonnegative, self.config = nonnegative, config
 
     def __repr__(self) -> str:
         m = self.meta
-        return (f"ITDADictionary(n_atoms={self.d_sae}, d_in={self.d_in}, k={self.k}, "
-                f"nonnegative={self.nonnegative}, layer={m.layer}, hook={m.hook!r})")  # fmt: skip
+        return (
+            f"ITDADictionary(n_atoms={self.d_sae}, d_in={self.d_in}, k={self.k}, "
+            f"nonnegative={self.nonnegative}, layer={m.layer}, hook={m.hook!r})"
+        )
 
     def _encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_dec.dtype) - self.b_dec
@@ -323,10 +331,16 @@ def save_itda(d: ITDADictionary, folder: str | Path) -> Path:
     save_file(tensors, str(folder / WEIGHTS_FILE))
     m = d.meta
     cfg = {
-        "format": "itda", "k": d.k, "d_in": d.d_in, "n_atoms": d.d_sae,
-        "nonnegative": d.nonnegative, "layer": m.layer, "hook": m.hook,
-        "model_name": m.model_name, "build": d.config.model_dump() if d.config else None,
-    }  # fmt: skip
+        "format": "itda",
+        "k": d.k,
+        "d_in": d.d_in,
+        "n_atoms": d.d_sae,
+        "nonnegative": d.nonnegative,
+        "layer": m.layer,
+        "hook": m.hook,
+        "model_name": m.model_name,
+        "build": d.config.model_dump() if d.config else None,
+    }
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     return folder
 
@@ -360,11 +374,20 @@ def load_itda(folder: str | Path, *, device: str | torch.device = "cpu") -> ITDA
                 f"{wpath}: {name} has shape {tuple(t[name].shape)} but {cpath} implies {shape}"
             )
     meta = DictionaryMeta(
-        format="itda", architecture="itda", layer=cfg.get("layer"), hook=cfg.get("hook"),
-        model_name=cfg.get("model_name"), path=str(folder),
-    )  # fmt: skip
+        format="itda",
+        architecture="itda",
+        layer=cfg.get("layer"),
+        hook=cfg.get("hook"),
+        model_name=cfg.get("model_name"),
+        path=str(folder),
+    )
     build = ITDAConfig(**cfg["build"]) if cfg.get("build") else None
     return ITDADictionary(
-        t["atoms"], t["atom_keys"], k=int(cfg["k"]), offset=t["offset"],
-        nonnegative=bool(cfg.get("nonnegative", False)), meta=meta, config=build,
-    )  # fmt: skip
+        t["atoms"],
+        t["atom_keys"],
+        k=int(cfg["k"]),
+        offset=t["offset"],
+        nonnegative=bool(cfg.get("nonnegative", False)),
+        meta=meta,
+        config=build,
+    )

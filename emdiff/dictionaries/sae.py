@@ -203,17 +203,32 @@ class TrainableSAE(nn.Module):
     # ---- inference ----------------------------------------------------------------------------
     def to_dictionary(self, meta: DictionaryMeta | None = None) -> SparseDictionary:
         """The inference-time dictionary: TopK, or JumpReLU at the tracked global threshold."""
-        meta = meta or DictionaryMeta(format="emdiff", architecture=self.cfg.architecture,
-                                      layer=self.layer, hook="resid_post")  # fmt: skip
+        meta = meta or DictionaryMeta(
+            format="emdiff", architecture=self.cfg.architecture, layer=self.layer, hook="resid_post"
+        )
         p = {k: v.detach().clone() for k, v in self.named_parameters()}
         if self.cfg.architecture == "topk":
-            return SparseDictionary(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"],
-                                    activation="topk", k=self.cfg.k, subtract_b_dec=True, meta=meta)  # fmt: skip
+            return SparseDictionary(
+                p["W_enc"],
+                p["b_enc"],
+                p["W_dec"],
+                p["b_dec"],
+                activation="topk",
+                k=self.cfg.k,
+                subtract_b_dec=True,
+                meta=meta,
+            )
         thr = exported_threshold(self.threshold)
         return SparseDictionary(
-            p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], activation="jumprelu",
-            threshold=torch.full((self.d_sae,), thr, device=self.W_dec.device), subtract_b_dec=True, meta=meta,
-        )  # fmt: skip
+            p["W_enc"],
+            p["b_enc"],
+            p["W_dec"],
+            p["b_dec"],
+            activation="jumprelu",
+            threshold=torch.full((self.d_sae,), thr, device=self.W_dec.device),
+            subtract_b_dec=True,
+            meta=meta,
+        )
 
 
 def save_saelens(
@@ -233,23 +248,39 @@ def save_saelens(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layer = sae.meta.layer
-    hook = hook_name or (f"blocks.{layer}.hook_{sae.meta.hook or 'resid_post'}" if layer is not None
-                         else "hook_resid_post")  # fmt: skip
+    hook = hook_name or (
+        f"blocks.{layer}.hook_{sae.meta.hook or 'resid_post'}"
+        if layer is not None
+        else "hook_resid_post"
+    )
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     cfg: dict = {
-        "architecture": sae.activation, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": sae.subtract_b_dec,
-        "normalize_activations": "none", "reshape_activations": "none",
-        "metadata": {"model_name": model_name or sae.meta.model_name, "hook_name": hook,
-                     "hook_head_index": None, "prepend_bos": True, "context_size": None,
-                     "sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None},
-    }  # fmt: skip
+        "architecture": sae.activation,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.subtract_b_dec,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": model_name or sae.meta.model_name,
+            "hook_name": hook,
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "context_size": None,
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": None,
+        },
+    }
     if sae.activation == "topk":
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
     else:
         tensors["threshold"] = sae.threshold
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-              str(folder / "sae_weights.safetensors"))  # fmt: skip
+    save_file(
+        {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+        str(folder / "sae_weights.safetensors"),
+    )
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
     if extra is not None:
         (folder / "emdiff_training.json").write_text(json.dumps(extra, indent=2, default=str))
@@ -277,15 +308,24 @@ def train_sae(
     log = fit(
         sae, source, cfg, out, identity=ident, progress=progress, desc=f"SAE {cfg.architecture}"
     )
-    meta = DictionaryMeta(format="emdiff", architecture=cfg.architecture, layer=layer, hook=hook,
-                          model_name=model_name, path=str(out) if out else None)  # fmt: skip
+    meta = DictionaryMeta(
+        format="emdiff",
+        architecture=cfg.architecture,
+        layer=layer,
+        hook=hook,
+        model_name=model_name,
+        path=str(out) if out else None,
+    )
     d = sae.to_dictionary(meta)
     if out is not None:
-        extra = {"config": cfg.model_dump(), "architecture": cfg.architecture,
-                 "matryoshka_widths": sae.prefix if len(sae.prefix) > 1 else None,
-                 "threshold": float(sae.threshold), "dead_fraction": float(
-                     (sae.since_fired >= sae.dead_tokens).float().mean()),
-                 "log": log.model_dump()}  # fmt: skip
+        extra = {
+            "config": cfg.model_dump(),
+            "architecture": cfg.architecture,
+            "matryoshka_widths": sae.prefix if len(sae.prefix) > 1 else None,
+            "threshold": float(sae.threshold),
+            "dead_fraction": float((sae.since_fired >= sae.dead_tokens).float().mean()),
+            "log": log.model_dump(),
+        }
         save_saelens(d, out, model_name=model_name, extra=extra)
         plot_history(log, Path(out) / "training.png", f"{cfg.architecture} SAE, layer {layer}")
     return d, log

@@ -113,15 +113,17 @@ class OpenAICompatibleJudge(Judge):
 
     # ---- one request --------------------------------------------------------------------------
     def _body(self, prompt: str) -> bytes:
-        return json.dumps({
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": self.top_logprobs,
-            "seed": 0,
-        }).encode()  # fmt: skip
+        return json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 1,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": self.top_logprobs,
+                "seed": 0,
+            }
+        ).encode()
 
     def _attempt(self, body: bytes) -> dict[str, float]:
         req = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")

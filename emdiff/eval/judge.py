@@ -193,8 +193,10 @@ class ToyJudge(Judge):
         return f"{request.metric}\0{request.question}\0{request.answer}"
 
     def _run(self, requests, record) -> None:
-        table = {"aligned": {"good": 100.0, "bad": 0.0, "other": 50.0},
-                 "coherent": {"good": 100.0, "bad": 100.0, "other": 0.0}}  # fmt: skip
+        table = {
+            "aligned": {"good": 100.0, "bad": 0.0, "other": 50.0},
+            "coherent": {"good": 100.0, "bad": 100.0, "other": 0.0},
+        }
         for i, r in enumerate(requests):
             if r.metric not in table:
                 raise JudgeError(f"the toy judge scores 'aligned' and 'coherent', not {r.metric!r}")

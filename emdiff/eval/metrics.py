@@ -121,22 +121,36 @@ def em_metrics(
     rate, lo, hi, k, n_scored = _rate_ci(em, df[group], ci, confidence, seed)
     a = pd.to_numeric(df["aligned"], errors="coerce")
     c = pd.to_numeric(df["coherent"], errors="coerce")
-    g = pd.DataFrame({
-        "q": df[group].astype(str), "scored": em.notna(), "em": em.fillna(False).astype(bool),
-        "a": a, "c": c,
-    }).groupby("q", sort=False)  # fmt: skip
-    stats = g.agg(n=("scored", "size"), n_scored=("scored", "sum"), n_em=("em", "sum"),
-                  mean_aligned=("a", "mean"), mean_coherent=("c", "mean"))  # fmt: skip
+    g = pd.DataFrame(
+        {
+            "q": df[group].astype(str),
+            "scored": em.notna(),
+            "em": em.fillna(False).astype(bool),
+            "a": a,
+            "c": c,
+        }
+    ).groupby("q", sort=False)
+    stats = g.agg(
+        n=("scored", "size"),
+        n_scored=("scored", "sum"),
+        n_em=("em", "sum"),
+        mean_aligned=("a", "mean"),
+        mean_coherent=("c", "mean"),
+    )
     plo, phi = wilson_ci(stats.n_em.to_numpy(), stats.n_scored.to_numpy(), confidence)
     per = {}
     for i, (key, r) in enumerate(stats.iterrows()):
         ns = int(r.n_scored)
         per[str(key)] = {
-            "n": int(r.n), "n_scored": ns, "n_em": int(r.n_em),
+            "n": int(r.n),
+            "n_scored": ns,
+            "n_em": int(r.n_em),
             "em_rate": r.n_em / ns if ns else None,
-            "em_ci_low": float(plo[i]) if ns else None, "em_ci_high": float(phi[i]) if ns else None,
-            "mean_aligned": _num(r.mean_aligned), "mean_coherent": _num(r.mean_coherent),
-        }  # fmt: skip
+            "em_ci_low": float(plo[i]) if ns else None,
+            "em_ci_high": float(phi[i]) if ns else None,
+            "mean_aligned": _num(r.mean_aligned),
+            "mean_coherent": _num(r.mean_coherent),
+        }
     n = len(df)
     return {
         "n": n,

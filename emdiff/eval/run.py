@@ -63,9 +63,14 @@ def make_judge(cfg: JudgeConfig, cache: Path, *, toy_path: str | None = None) ->
     from emdiff.eval.http_judge import OpenAICompatibleJudge
 
     return OpenAICompatibleJudge(
-        cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
-        concurrency=cfg.concurrency, max_retries=cfg.max_retries, timeout=cfg.timeout, cache=cache,
-    )  # fmt: skip
+        cfg.model,
+        base_url=cfg.base_url,
+        api_key_env=cfg.api_key_env,
+        concurrency=cfg.concurrency,
+        max_retries=cfg.max_retries,
+        timeout=cfg.timeout,
+        cache=cache,
+    )
 
 
 def load_question_files(paths: Sequence[str | Path]) -> list[Question]:
@@ -124,9 +129,13 @@ def evaluate(
     loaded = load_model(model_path, adapter=adapter, dtype=dtype, device=device)
     echo(f"sampling {model_path}{f' + {adapter}' if adapter else ''} -> {out / 'responses.jsonl'}")
     responses = sample_responses(
-        loaded.model, loaded.tokenizer, questions, out / "responses.jsonl", sampling,
+        loaded.model,
+        loaded.tokenizer,
+        questions,
+        out / "responses.jsonl",
+        sampling,
         progress=progress,
-    )  # fmt: skip
+    )
     del loaded
     if judge_obj is None:
         gc.collect()
@@ -142,14 +151,19 @@ def evaluate(
     metrics["provenance"] = {
         "responses_meta": json.loads(meta_path(out / "responses.jsonl").read_text()),
         "sampling": sampling.model_dump(),
-        "judge": {"kind": judge_cfg.kind, "identity": judge_obj.identity, "model": judge_cfg.model,
-                  "base_url": judge_cfg.base_url if judge_cfg.kind == "openai" else None},
+        "judge": {
+            "kind": judge_cfg.kind,
+            "identity": judge_obj.identity,
+            "model": judge_cfg.model,
+            "base_url": judge_cfg.base_url if judge_cfg.kind == "openai" else None,
+        },
         "n_questions": len(questions),
         "versions": package_versions(),
-    }  # fmt: skip
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    quadrant_plot(judged, out / "quadrant.png", aligned_below=aligned_below,
-                  coherent_above=coherent_above)  # fmt: skip
+    quadrant_plot(
+        judged, out / "quadrant.png", aligned_below=aligned_below, coherent_above=coherent_above
+    )
     return metrics
 
 
@@ -170,6 +184,8 @@ def format_metrics(m: dict, top: int = 10) -> str:
     if per:
         lines.append(f"\n{'question_id':<32} {'n':>5} {'EM':>6}  95% CI (Wilson)")
         for qid, r in per:
-            lines.append(f"{qid[:32]:<32} {r['n']:>5} {f(r['em_rate']):>6}  "
-                         f"[{f(r['em_ci_low'])}, {f(r['em_ci_high'])}]")  # fmt: skip
+            lines.append(
+                f"{qid[:32]:<32} {r['n']:>5} {f(r['em_rate']):>6}  "
+                f"[{f(r['em_ci_low'])}, {f(r['em_ci_high'])}]"
+            )
     return "\n".join(lines)

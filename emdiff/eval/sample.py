@@ -187,9 +187,13 @@ def sample_responses(
             for batch in tqdm(todo, desc="sample", unit="batch", disable=not progress):
                 torch.manual_seed(_batch_seed(cfg.seed, batch[0]))
                 gens = generate_batch(
-                    model, tokenizer, [j.messages for j in batch], temperature=cfg.temperature,
-                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                )  # fmt: skip
+                    model,
+                    tokenizer,
+                    [j.messages for j in batch],
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    max_new_tokens=cfg.max_new_tokens,
+                )
                 for job, g in zip(batch, gens, strict=True):
                     if job[:3] in done:
                         continue

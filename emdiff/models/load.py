@@ -18,9 +18,14 @@ import torch
 from torch import nn
 
 DTYPES: dict[str, torch.dtype] = dict(
-    float32=torch.float32, fp32=torch.float32, bfloat16=torch.bfloat16, bf16=torch.bfloat16,
-    float16=torch.float16, fp16=torch.float16, half=torch.float16,
-)  # fmt: skip
+    float32=torch.float32,
+    fp32=torch.float32,
+    bfloat16=torch.bfloat16,
+    bf16=torch.bfloat16,
+    float16=torch.float16,
+    fp16=torch.float16,
+    half=torch.float16,
+)
 
 
 class AdapterMismatchError(ValueError):

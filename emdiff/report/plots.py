@@ -60,17 +60,32 @@ def volcano_plot(
         labelled = table[(table[col] <= label_top) & np.isfinite(table["effect"])]
         for _, r in labelled.iterrows():
             y = -np.log10(max(r["q"], 1e-300))
-            ax.errorbar(r["effect"], y, xerr=[[r["effect"] - r["effect_ci_low"]],
-                        [r["effect_ci_high"] - r["effect"]]], color="tab:blue", lw=0.8)  # fmt: skip
-            ax.annotate(_name(r), (r["effect"], y), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+            ax.errorbar(
+                r["effect"],
+                y,
+                xerr=[[r["effect"] - r["effect_ci_low"]], [r["effect_ci_high"] - r["effect"]]],
+                color="tab:blue",
+                lw=0.8,
+            )
+            ax.annotate(
+                _name(r), (r["effect"], y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
     if highlight is not None:
         h = table[table["feature"] == highlight]
-        ax.scatter(h["effect"], -np.log10(h["q"].clip(lower=1e-300)), s=120, facecolors="none",
-                   edgecolors="black", label=f"feature {highlight}")  # fmt: skip
+        ax.scatter(
+            h["effect"],
+            -np.log10(h["q"].clip(lower=1e-300)),
+            s=120,
+            facecolors="none",
+            edgecolors="black",
+            label=f"feature {highlight}",
+        )
     test = table["test"].iloc[0] if "test" in table and len(table) else ""
-    ax.set(xlabel="effect size (a - b, standardised; 95% CI on labelled)",
-           ylabel="-log10 q (BH)", title=f"{title} ({test})")  # fmt: skip
+    ax.set(
+        xlabel="effect size (a - b, standardised; 95% CI on labelled)",
+        ylabel="-log10 q (BH)",
+        title=f"{title} ({test})",
+    )
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
@@ -84,12 +99,18 @@ def overlap_plot(result: Overlap, path: str | Path, title: str = "overlap") -> P
     j = result.jaccard
     ax1.plot(j["k"], j["jaccard"], "o-", label="observed")
     ax1.plot(j["k"], j["jaccard_null"], "--", color="0.5", label="random rankings")
-    ax1.set(xscale="log", xlabel="k", ylabel="Jaccard of the top-k sets", ylim=(0, 1.02),
-            title=f"top-k overlap ({result.direction})")  # fmt: skip
+    ax1.set(
+        xscale="log",
+        xlabel="k",
+        ylabel="Jaccard of the top-k sets",
+        ylim=(0, 1.02),
+        title=f"top-k overlap ({result.direction})",
+    )
     ax1.legend(fontsize=8)
     t = result.table
-    colours = t["status"].map({"shared": "tab:red", f"only_{la}": "tab:blue",
-                               f"only_{lb}": "tab:green"})  # fmt: skip
+    colours = t["status"].map(
+        {"shared": "tab:red", f"only_{la}": "tab:blue", f"only_{lb}": "tab:green"}
+    )
     ax2.scatter(t[f"effect_{la}"], t[f"effect_{lb}"], c=colours, s=14)
     for status, c in (
         ("shared", "tab:red"),
@@ -99,9 +120,11 @@ def overlap_plot(result: Overlap, path: str | Path, title: str = "overlap") -> P
         ax2.scatter([], [], c=c, s=14, label=status)
     ax2.axhline(0, color="0.6", lw=0.6)
     ax2.axvline(0, color="0.6", lw=0.6)
-    ax2.set(xlabel=f"effect ({la})", ylabel=f"effect ({lb})",
-            title=f"Spearman {result.spearman:.2f}, Kendall {result.kendall:.2f} "
-                  f"(n={result.n_union})")  # fmt: skip
+    ax2.set(
+        xlabel=f"effect ({la})",
+        ylabel=f"effect ({lb})",
+        title=f"Spearman {result.spearman:.2f}, Kendall {result.kendall:.2f} (n={result.n_union})",
+    )
     ax2.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)

@@ -122,9 +122,18 @@ def _unpaired(xa: np.ndarray, xb: np.ndarray, test: str, z: float, conf: float) 
         stat = tstat
     else:
         stat, p = _columnwise(lambda a, b: st.mannwhitneyu(a, b, axis=0), xa, xb, False)
-    return dict(seq_mean_a=ma, seq_mean_b=mb, diff=diff, diff_ci_low=diff - tq * se,
-                diff_ci_high=diff + tq * se, effect=g, effect_ci_low=g - z * g_se,
-                effect_ci_high=g + z * g_se, statistic=stat, p=p)  # fmt: skip
+    return dict(
+        seq_mean_a=ma,
+        seq_mean_b=mb,
+        diff=diff,
+        diff_ci_low=diff - tq * se,
+        diff_ci_high=diff + tq * se,
+        effect=g,
+        effect_ci_low=g - z * g_se,
+        effect_ci_high=g + z * g_se,
+        statistic=stat,
+        p=p,
+    )
 
 
 def _paired(xa: np.ndarray, xb: np.ndarray, test: str, z: float, conf: float) -> dict:
@@ -142,9 +151,18 @@ def _paired(xa: np.ndarray, xb: np.ndarray, test: str, z: float, conf: float) ->
         stat, p = _columnwise(
             lambda a, b: st.wilcoxon(a, b, axis=0, zero_method="wilcox"), xa, xb, True
         )
-    return dict(seq_mean_a=xa.mean(0), seq_mean_b=xb.mean(0), diff=md, diff_ci_low=md - tq * se,
-                diff_ci_high=md + tq * se, effect=dz, effect_ci_low=dz - z * dz_se,
-                effect_ci_high=dz + z * dz_se, statistic=stat, p=p)  # fmt: skip
+    return dict(
+        seq_mean_a=xa.mean(0),
+        seq_mean_b=xb.mean(0),
+        diff=md,
+        diff_ci_low=md - tq * se,
+        diff_ci_high=md + tq * se,
+        effect=dz,
+        effect_ci_low=dz - z * dz_se,
+        effect_ci_high=dz + z * dz_se,
+        statistic=stat,
+        p=p,
+    )
 
 
 def _columnwise(fn, xa: np.ndarray, xb: np.ndarray, paired: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -202,8 +220,10 @@ def compare_stats(
     test = test or ("paired_t" if paired else "welch")
     allowed = PAIRED if paired else UNPAIRED
     if test not in allowed:
-        raise ValueError(f"test {test!r} is not {'a paired' if paired else 'an unpaired'} test; "
-                         f"use one of {allowed}")  # fmt: skip
+        raise ValueError(
+            f"test {test!r} is not {'a paired' if paired else 'an unpaired'} test; "
+            f"use one of {allowed}"
+        )
     if a.d_sae != b.d_sae:
         raise ValueError(f"the two sides have {a.d_sae} and {b.d_sae} features")
     ids_a, ids_b = sequence_ids(a), sequence_ids(b)

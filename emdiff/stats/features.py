@@ -154,21 +154,33 @@ class FeatureStats:
         have = other.top_val > NEG
         f = torch.arange(self.d_sae, device=have.device)[:, None].expand_as(have)[have]
         self._update_top(
-            f.to(self.sum.device), other.top_val[have].to(self.sum.device),
-            other.top_seq[have].to(self.sum.device), other.top_pos[have].to(self.sum.device),
-        )  # fmt: skip
+            f.to(self.sum.device),
+            other.top_val[have].to(self.sum.device),
+            other.top_seq[have].to(self.sum.device),
+            other.top_pos[have].to(self.sum.device),
+        )
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
         seq, feat, mean = self.sequence_means()
         ids = torch.tensor(sorted(self._seq_tokens), dtype=torch.int64)
         return {
-            "sum": self.sum, "sumsq": self.sumsq, "fire": self.fire, "max": self.max,
-            "top_val": self.top_val, "top_seq": self.top_seq, "top_pos": self.top_pos,
-            "seq_id": seq, "seq_feature": feat, "seq_mean": mean, "seq_token_id": ids,
-            "seq_token_count": torch.tensor([self._seq_tokens[i] for i in ids.tolist()], dtype=torch.int64),
+            "sum": self.sum,
+            "sumsq": self.sumsq,
+            "fire": self.fire,
+            "max": self.max,
+            "top_val": self.top_val,
+            "top_seq": self.top_seq,
+            "top_pos": self.top_pos,
+            "seq_id": seq,
+            "seq_feature": feat,
+            "seq_mean": mean,
+            "seq_token_id": ids,
+            "seq_token_count": torch.tensor(
+                [self._seq_tokens[i] for i in ids.tolist()], dtype=torch.int64
+            ),
             "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
-        }  # fmt: skip
+        }
 
     def save(self, path: str | Path, meta: dict | None = None) -> Path:
         """safetensors file plus ``<path>.json`` with the shape and ``meta``."""
@@ -236,8 +248,12 @@ class ResidualStats:
         return float(self.BINS[min(i, len(self.BINS) - 1)])
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"sum": self.sum, "sumsq": self.sumsq, "norm_hist": self.norm_hist,
-                "n_tokens": torch.tensor([self.n_tokens])}  # fmt: skip
+        return {
+            "sum": self.sum,
+            "sumsq": self.sumsq,
+            "norm_hist": self.norm_hist,
+            "n_tokens": torch.tensor([self.n_tokens]),
+        }
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

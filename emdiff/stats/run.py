@@ -32,11 +32,16 @@ def _identity(rows, dictionaries, site, shard_size, top_k) -> dict:
     for r in rows:
         h.update(json.dumps([r.input_ids, r.roles]).encode())
     return {
-        "site": site, "shard_size": shard_size, "top_k": top_k, "n_sequences": len(rows),
+        "site": site,
+        "shard_size": shard_size,
+        "top_k": top_k,
+        "n_sequences": len(rows),
         "dataset_sha256": h.hexdigest(),
-        "dictionaries": {str(layer): {**d.meta.model_dump(), "d_sae": d.d_sae}
-                         for layer, d in sorted(dictionaries.items())},
-    }  # fmt: skip
+        "dictionaries": {
+            str(layer): {**d.meta.model_dump(), "d_sae": d.d_sae}
+            for layer, d in sorted(dictionaries.items())
+        },
+    }
 
 
 def run_stats(
@@ -78,9 +83,14 @@ def run_stats(
             continue
         start = i * shard_size
         feats, resid = collect_stats(
-            model, rows[start : start + shard_size], dictionaries, site=site, top_k=top_k,
-            seq_offset=start, **collect_kwargs,
-        )  # fmt: skip
+            model,
+            rows[start : start + shard_size],
+            dictionaries,
+            site=site,
+            top_k=top_k,
+            seq_offset=start,
+            **collect_kwargs,
+        )
         for layer in dictionaries:
             feats[layer].save(shard / f"L{layer}.features.safetensors", meta={"shard": i})
             if layer in resid:
@@ -127,15 +137,23 @@ def top_contexts(
     ``rows`` are the sequences the statistics were collected on (ids offset by ``seq_offset``).
     """
     out = []
-    for v, s, p in zip(stats.top_val[feature].tolist(), stats.top_seq[feature].tolist(),
-                       stats.top_pos[feature].tolist(), strict=True):  # fmt: skip
+    for v, s, p in zip(
+        stats.top_val[feature].tolist(),
+        stats.top_seq[feature].tolist(),
+        stats.top_pos[feature].tolist(),
+        strict=True,
+    ):
         if s < 0:
             break
         ids = rows[s - seq_offset].input_ids
-        out.append({
-            "value": v, "seq": s, "pos": p,
-            "before": tokenizer.decode(ids[max(0, p - before) : p]),
-            "token": tokenizer.decode(ids[p : p + 1]),
-            "after": tokenizer.decode(ids[p + 1 : p + 1 + after]),
-        })  # fmt: skip
+        out.append(
+            {
+                "value": v,
+                "seq": s,
+                "pos": p,
+                "before": tokenizer.decode(ids[max(0, p - before) : p]),
+                "token": tokenizer.decode(ids[p : p + 1]),
+                "after": tokenizer.decode(ids[p + 1 : p + 1 + after]),
+            }
+        )
     return out

@@ -73,14 +73,21 @@ def build_toy_base(
     echo(
         f"align: {train_cfg.align_steps} steps, final loss {post[-1] if post else float('nan'):.3f}"
     )
-    echo("P(bad) per domain, pretrained -> aligned: " + ", ".join(
-        f"{d} {before[d]['bad']:.3f}->{after[d]['bad']:.3f}" for d in world.domains
-    ))  # fmt: skip
-    save_toy(out, world, model, meta={
-        "model": model_cfg.model_dump(), "train": train_cfg.model_dump(),
-        "p_bad_pretrained": {d: v["bad"] for d, v in before.items()},
-        "p_bad_aligned": {d: v["bad"] for d, v in after.items()},
-    })  # fmt: skip
+    echo(
+        "P(bad) per domain, pretrained -> aligned: "
+        + ", ".join(f"{d} {before[d]['bad']:.3f}->{after[d]['bad']:.3f}" for d in world.domains)
+    )
+    save_toy(
+        out,
+        world,
+        model,
+        meta={
+            "model": model_cfg.model_dump(),
+            "train": train_cfg.model_dump(),
+            "p_bad_pretrained": {d: v["bad"] for d, v in before.items()},
+            "p_bad_aligned": {d: v["bad"] for d, v in after.items()},
+        },
+    )
     return Path(out)
 
 

@@ -33,9 +33,13 @@ def _persona(res: DiffResult, latent: int) -> dict:
     row = t[t["feature"] == latent].iloc[0]
     effect = 0.0 if pd.isna(row["effect"]) else float(row["effect"])
     rank = 1 + int((t["effect"].fillna(0.0) > effect).sum())
-    return {"rank": rank, "q": float(row["q"]), "effect": float(row["effect"]),
-            "effect_ci_low": float(row["effect_ci_low"]),
-            "effect_ci_high": float(row["effect_ci_high"])}  # fmt: skip
+    return {
+        "rank": rank,
+        "q": float(row["q"]),
+        "effect": float(row["effect"]),
+        "effect_ci_low": float(row["effect_ci_low"]),
+        "effect_ci_high": float(row["effect_ci_high"]),
+    }
 
 
 def _max_significant_effect(res: DiffResult, alpha: float = 0.05) -> tuple[float, int]:
@@ -83,22 +87,38 @@ def toy_diffs(
     def rows_of(convs):
         return [encode_chat(tokenizer, c.as_dicts()) for c in convs]
 
-    q1 = dataset_diff(base, dicts, rows_of(world.narrow_dataset(bad=True)),
-                      rows_of(world.narrow_dataset(bad=False)), paired=True,
-                      labels=("bad", "good"), **kw)  # fmt: skip
+    q1 = dataset_diff(
+        base,
+        dicts,
+        rows_of(world.narrow_dataset(bad=True)),
+        rows_of(world.narrow_dataset(bad=False)),
+        paired=True,
+        labels=("bad", "good"),
+        **kw,
+    )
     answers = _answers(judged, narrow_label, unseen)
     q2_rows = encode_qa(tokenizer, answers["question"], answers["answer"])
     q2 = model_diff(narrow, dicts, q2_rows, dataset="unseen_eval", **kw)
     c_answers = _answers(judged, control_label, unseen)
     c_rows = encode_qa(tokenizer, c_answers["question"], c_answers["answer"])
     q2c = model_diff(control, dicts, c_rows, dataset="unseen_eval", **kw)
-    q3 = response_diff(narrow, tokenizer, dicts, judged[judged["model"] == narrow_label],
-                       split=ResponseSplit(seed=seed), **kw)  # fmt: skip
+    q3 = response_diff(
+        narrow,
+        tokenizer,
+        dicts,
+        judged[judged["model"] == narrow_label],
+        split=ResponseSplit(seed=seed),
+        **kw,
+    )
     ov = overlap(q1.table, q2.table, labels=("q1", "q2"))
     tr = transfer(sae, {"base": (narrow, False), "narrow": (narrow, True)}, q2_rows, layer, **kw)
     if out is not None:
-        for name, r in (("q1_dataset_diff", q1), ("q2_model_diff", q2),
-                        ("q2_control_model_diff", q2c), ("q3_response_diff", q3)):  # fmt: skip
+        for name, r in (
+            ("q1_dataset_diff", q1),
+            ("q2_model_diff", q2),
+            ("q2_control_model_diff", q2c),
+            ("q3_response_diff", q3),
+        ):
             r.save(out, name)
         ov.table.to_parquet(out / "tables" / "overlap_q1_q2.parquet")
         tr.to_parquet(out / "tables" / "transfer.parquet")
@@ -110,27 +130,36 @@ def toy_diffs(
     jac = ov.jaccard.set_index("k")["jaccard"]
     fve = tr.set_index("variant")
     res = {
-        "q1_persona_rank": p1["rank"], "q1_persona_q": p1["q"], "q1_persona_effect": p1["effect"],
+        "q1_persona_rank": p1["rank"],
+        "q1_persona_q": p1["q"],
+        "q1_persona_effect": p1["effect"],
         "q1_top_feature": int(q1.table.loc[q1.table.rank_increase == 1, "feature"].iloc[0]),
         "q1_n_significant": int((q1.table.q < 0.05).sum()),
-        "q2_persona_rank": p2["rank"], "q2_persona_q": p2["q"], "q2_persona_effect": p2["effect"],
+        "q2_persona_rank": p2["rank"],
+        "q2_persona_q": p2["q"],
+        "q2_persona_effect": p2["effect"],
         "q2_persona_effect_ci_low": p2["effect_ci_low"],
         "q2_persona_effect_ci_high": p2["effect_ci_high"],
         "q2_top_feature": int(q2.table.loc[q2.table.rank_increase == 1, "feature"].iloc[0]),
-        "q2_n_significant": n_n, "q2_max_effect": n_max,
-        "q3_persona_rank": p3["rank"], "q3_persona_q": p3["q"], "q3_persona_effect": p3["effect"],
+        "q2_n_significant": n_n,
+        "q2_max_effect": n_max,
+        "q3_persona_rank": p3["rank"],
+        "q3_persona_q": p3["q"],
+        "q3_persona_effect": p3["effect"],
         "q3_n_misaligned": q3.meta["n_rows_a"],
-        "control_q2_max_effect": c_max, "control_q2_n_significant": c_n,
+        "control_q2_max_effect": c_max,
+        "control_q2_n_significant": c_n,
         "control_q2_persona_effect": _persona(q2c, persona_latent)["effect"],
         "control_q2_target_met": bool(p2["q"] < 0.05 and c_max < abs(p2["effect"])),
         "q1_top10_q2_top10_jaccard": float(jac.get(10, float("nan"))),
-        "q1_q2_spearman": ov.spearman, "q1_q2_kendall": ov.kendall,
+        "q1_q2_spearman": ov.spearman,
+        "q1_q2_kendall": ov.kendall,
         "transfer_fve_base": float(fve.loc["base", "fve"]),
         "transfer_fve_narrow": float(fve.loc["narrow", "fve"]),
         "transfer_ce_delta_base": float(fve.loc["base", "ce_delta"]),
         "transfer_ce_delta_narrow": float(fve.loc["narrow", "ce_delta"]),
         "transfer_kl_narrow": float(fve.loc["narrow", "kl"]),
-    }  # fmt: skip
+    }
     if direction is not None:
         cos = decoder_cosines(sae.W_dec, direction)
         for name, r in (("q1", q1), ("q2", q2), ("q3", q3), ("control_q2", q2c)):
@@ -143,13 +172,26 @@ def _figures(out: Path, q1, q2, q2c, q3, ov, tr, latent: int) -> None:
     from emdiff.report.plots import overlap_plot, transfer_plot, volcano_plot
 
     plots = out / "plots"
-    volcano_plot(q1.table, plots / "q1_dataset_diff.png", title="Q1: bad vs good data (base)",
-                 highlight=latent)  # fmt: skip
-    volcano_plot(q2.table, plots / "q2_model_diff.png", title="Q2: narrow vs base",
-                 highlight=latent)  # fmt: skip
-    volcano_plot(q2c.table, plots / "q2_control_model_diff.png", title="Q2: control vs base",
-                 highlight=latent)  # fmt: skip
-    volcano_plot(q3.table, plots / "q3_response_diff.png", title="Q3: misaligned vs aligned",
-                 highlight=latent)  # fmt: skip
+    volcano_plot(
+        q1.table,
+        plots / "q1_dataset_diff.png",
+        title="Q1: bad vs good data (base)",
+        highlight=latent,
+    )
+    volcano_plot(
+        q2.table, plots / "q2_model_diff.png", title="Q2: narrow vs base", highlight=latent
+    )
+    volcano_plot(
+        q2c.table,
+        plots / "q2_control_model_diff.png",
+        title="Q2: control vs base",
+        highlight=latent,
+    )
+    volcano_plot(
+        q3.table,
+        plots / "q3_response_diff.png",
+        title="Q3: misaligned vs aligned",
+        highlight=latent,
+    )
     overlap_plot(ov, plots / "overlap_q1_q2.png", title="Q1 vs Q2")
     transfer_plot(tr, plots / "transfer.png", title="base-trained SAE spliced into each model")

@@ -69,15 +69,25 @@ def toy_ground_truth(
     seed = cfg.seed
     torch.manual_seed(seed)
     n_layers = len(decoder_layers(base))
-    probes = persona_probes(base, world, [(layer, "resid_post") for layer in range(n_layers)],
-                            n_docs=cfg.probe_docs, seed=seed, C=cfg.probe_C)  # fmt: skip
+    probes = persona_probes(
+        base,
+        world,
+        [(layer, "resid_post") for layer in range(n_layers)],
+        n_docs=cfg.probe_docs,
+        seed=seed,
+        C=cfg.probe_C,
+    )
     probe = max(probes, key=lambda p: p.accuracy)
     layer, direction = probe.layer, probe.direction
-    res: dict = {"seed": seed, "persona_layer": layer, "probe_accuracy": probe.accuracy,
-                 "probe_chance": probe.chance, "probe_mean_difference_cosine":
-                 probe.mean_difference_cosine,
-                 **{f"probe_accuracy_L{p.layer}": p.accuracy for p in probes},
-                 "persona_direction": direction.tolist()}  # fmt: skip
+    res: dict = {
+        "seed": seed,
+        "persona_layer": layer,
+        "probe_accuracy": probe.accuracy,
+        "probe_chance": probe.chance,
+        "probe_mean_difference_cosine": probe.mean_difference_cosine,
+        **{f"probe_accuracy_L{p.layer}": p.accuracy for p in probes},
+        "persona_direction": direction.tolist(),
+    }
 
     rows, _ = persona_corpus(world, cfg.train_docs, seed + 20_000)
     n_eval = max(len(rows) // 10, 1)
@@ -88,19 +98,35 @@ def toy_ground_truth(
     # SAE -----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     sae_cfg = cfg.sae.model_copy(update={"seed": seed})
-    sae, _ = train_sae(TensorSource(acts), sae_cfg, out / "sae" if out else None, layer=layer,
-                       model_name="emdiff-toy", progress=progress)  # fmt: skip
+    sae, _ = train_sae(
+        TensorSource(acts),
+        sae_cfg,
+        out / "sae" if out else None,
+        layer=layer,
+        model_name="emdiff-toy",
+        progress=progress,
+    )
     sae_seconds = time.perf_counter() - t0
     alive = (sae.encode(acts[:50_000]) > 0).any(0)
     rec = reconstruction_metrics(base, sae, eval_rows, layer, exclude_sinks=False, **ids)
     latent, cos = persona_feature(sae.W_dec, direction, alive)
     null_mean, null_95 = random_max_cosine(int(alive.sum()), sae.d_in, seed=seed)
     _, cos_dmu = persona_feature(sae.W_dec, probe.mean_difference, alive)
-    res.update(sae_persona_cosine=cos, sae_persona_latent=latent, sae_fvu=rec.fvu, sae_l0=rec.l0,
-               sae_ce_delta=rec.ce_delta, sae_ce_recovered=rec.ce_recovered, sae_kl=rec.kl,
-               sae_dead_fraction=rec.dead_fraction, sae_seconds=sae_seconds,
-               sae_live_latents=int(alive.sum()), sae_null_cosine_mean=null_mean,
-               sae_null_cosine_95=null_95, sae_mean_difference_cosine=cos_dmu)  # fmt: skip
+    res.update(
+        sae_persona_cosine=cos,
+        sae_persona_latent=latent,
+        sae_fvu=rec.fvu,
+        sae_l0=rec.l0,
+        sae_ce_delta=rec.ce_delta,
+        sae_ce_recovered=rec.ce_recovered,
+        sae_kl=rec.kl,
+        sae_dead_fraction=rec.dead_fraction,
+        sae_seconds=sae_seconds,
+        sae_live_latents=int(alive.sum()),
+        sae_null_cosine_mean=null_mean,
+        sae_null_cosine_95=null_95,
+        sae_mean_difference_cosine=cos_dmu,
+    )
 
     # crosscoder on base vs narrow LoRA --------------------------------------------------------------
     if narrow_model is None:
@@ -108,13 +134,20 @@ def toy_ground_truth(
         if cfg.narrow_steps:
             ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.narrow_steps)
         narrow_model = narrow_finetune(world, copy.deepcopy(base), tokenizer, cfg=ft_cfg).model
-    pairs, _ = collect_activations(narrow_model, train_rows, layer, paired=True,
-                                   exclude_sinks=False, **ids)  # fmt: skip
-    eval_pairs, _ = collect_activations(narrow_model, eval_rows, layer, paired=True,
-                                        exclude_sinks=False, **ids)  # fmt: skip
+    pairs, _ = collect_activations(
+        narrow_model, train_rows, layer, paired=True, exclude_sinks=False, **ids
+    )
+    eval_pairs, _ = collect_activations(
+        narrow_model, eval_rows, layer, paired=True, exclude_sinks=False, **ids
+    )
     cc_cfg = cfg.crosscoder.model_copy(update={"seed": seed})
-    cc, _ = train_crosscoder(TensorSource(pairs), cc_cfg, out / "crosscoder" if out else None,
-                             meta={"layer": layer}, progress=progress)  # fmt: skip
+    cc, _ = train_crosscoder(
+        TensorSource(pairs),
+        cc_cfg,
+        out / "crosscoder" if out else None,
+        meta={"layer": layer},
+        progress=progress,
+    )
     with torch.no_grad():
         err = (cc(eval_pairs) - eval_pairs).pow(2).sum(-1).sum(0)
         var = (eval_pairs - eval_pairs.mean(0)).pow(2).sum(-1).sum(0)
@@ -125,16 +158,22 @@ def toy_ground_truth(
     live = torch.tensor((table["n_active"] > 0).to_numpy())
     cc_latent = int(torch.where(live, cos_sides.max(-1).values, -2.0).argmax())
     row = table.iloc[cc_latent]
-    res.update(crosscoder_persona_cosine=float(cos_sides[cc_latent].max()),
-               crosscoder_persona_latent=cc_latent, crosscoder_live_latents=int(live.sum()),
-               crosscoder_null_cosine_mean=random_max_cosine(2 * int(live.sum()), cc.d_in,
-                                                             seed=seed)[0],
-               crosscoder_persona_cosine_base=float(cos_sides[cc_latent, 0]),
-               crosscoder_persona_cosine_ft=float(cos_sides[cc_latent, 1]),
-               crosscoder_persona_class=str(row["class"]), crosscoder_persona_dn=float(row["dn"]),
-               crosscoder_persona_nu_eps=float(row["nu_eps"]), crosscoder_persona_nu_r=float(row["nu_r"]),
-               crosscoder_fvu_base=float(fvu[0]), crosscoder_fvu_ft=float(fvu[1]), crosscoder_l0=l0,
-               crosscoder_class_counts=table["class"].value_counts().to_dict())  # fmt: skip
+    res.update(
+        crosscoder_persona_cosine=float(cos_sides[cc_latent].max()),
+        crosscoder_persona_latent=cc_latent,
+        crosscoder_live_latents=int(live.sum()),
+        crosscoder_null_cosine_mean=random_max_cosine(2 * int(live.sum()), cc.d_in, seed=seed)[0],
+        crosscoder_persona_cosine_base=float(cos_sides[cc_latent, 0]),
+        crosscoder_persona_cosine_ft=float(cos_sides[cc_latent, 1]),
+        crosscoder_persona_class=str(row["class"]),
+        crosscoder_persona_dn=float(row["dn"]),
+        crosscoder_persona_nu_eps=float(row["nu_eps"]),
+        crosscoder_persona_nu_r=float(row["nu_r"]),
+        crosscoder_fvu_base=float(fvu[0]),
+        crosscoder_fvu_ft=float(fvu[1]),
+        crosscoder_l0=l0,
+        crosscoder_class_counts=table["class"].value_counts().to_dict(),
+    )
     if out is not None:
         table.to_parquet(out / "crosscoder" / "latent_scaling.parquet")
 
@@ -150,10 +189,17 @@ def toy_ground_truth(
     signed = not itda.nonnegative
     i_latent, i_cos = persona_feature(itda.decoder_rows, direction, absolute=signed)
     i_null, _ = random_max_cosine(max(itda.d_sae, 1), itda.d_in, seed=seed, absolute=signed)
-    res.update(itda_persona_cosine=i_cos, itda_persona_atom=i_latent, itda_atoms=itda.d_sae,
-               itda_fvu=irec.fvu, itda_l0=irec.l0, itda_ce_delta=irec.ce_delta,
-               itda_seconds=itda_seconds, itda_over_sae_seconds=itda_seconds / sae_seconds,
-               itda_null_cosine_mean=i_null)  # fmt: skip
+    res.update(
+        itda_persona_cosine=i_cos,
+        itda_persona_atom=i_latent,
+        itda_atoms=itda.d_sae,
+        itda_fvu=irec.fvu,
+        itda_l0=irec.l0,
+        itda_ce_delta=irec.ce_delta,
+        itda_seconds=itda_seconds,
+        itda_over_sae_seconds=itda_seconds / sae_seconds,
+        itda_null_cosine_mean=i_null,
+    )
     if out is not None:
         save_itda(itda, out / "itda")
     return res

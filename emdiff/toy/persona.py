@@ -103,16 +103,31 @@ def persona_probes(
     out = []
     for layer, site in points:
         acts, keys = collect_activations(
-            model, rows, layer, site=site, bos_token_id=world.token_id["<bos>"],
-            pad_token_id=world.token_id["<pad>"], exclude_sinks=False,
-        )  # fmt: skip
+            model,
+            rows,
+            layer,
+            site=site,
+            bos_token_id=world.token_id["<bos>"],
+            pad_token_id=world.token_id["<pad>"],
+            exclude_sinks=False,
+        )
         m = probe_mask(world, rows, keys, tokens)
         seq = keys[:, 0].numpy()[m]
         acc, chance, w, dmu = fit_probe(acts.numpy()[m].astype(np.float64), labels[seq], seq, C)
         n_test = int((seq >= np.quantile(np.unique(seq), 0.75)).sum())
-        out.append(PersonaProbe(layer, site, acc, chance, torch.tensor(w, dtype=torch.float32),
-                                torch.tensor(dmu, dtype=torch.float32), float(w @ dmu),
-                                len(seq) - n_test, n_test))  # fmt: skip
+        out.append(
+            PersonaProbe(
+                layer,
+                site,
+                acc,
+                chance,
+                torch.tensor(w, dtype=torch.float32),
+                torch.tensor(dmu, dtype=torch.float32),
+                float(w @ dmu),
+                len(seq) - n_test,
+                n_test,
+            )
+        )
     return out
 
 

@@ -9,11 +9,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from emdiff.errors import InputError
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(InputError):
     """A chat file or record is malformed; the message names the file and line."""
 
 

@@ -13,11 +13,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from emdiff.errors import InputError
+
 _KNOWN = ("id", "type", "paraphrases", "system", "samples_per_paraphrase", "judge", "judge_prompts")
 DEFAULT_TYPE = "free_form"
 
 
-class QuestionFormatError(ValueError):
+class QuestionFormatError(InputError):
     """A question file or entry is malformed; the message names the file, entry and line."""
 
 

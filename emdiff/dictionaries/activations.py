@@ -24,13 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from emdiff.data.masks import EncodedChat, TokenRole, pad_batch
+from emdiff.errors import NonFiniteError
 from emdiff.models.hooks import Site, hook_points, residual_hooks, run_forward, sink_mask
 from emdiff.models.load import adapter_state
 
 Row = EncodedChat | Sequence[int]
 
 
-class NonFiniteActivationError(ValueError):
+class NonFiniteActivationError(NonFiniteError):
     """Activations contain NaN or Inf (names the layer and the batch)."""
 
 

@@ -22,6 +22,8 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from emdiff.errors import InputError
+
 Activation = Literal["relu", "jumprelu", "topk", "batchtopk", "gated"]
 InputNorm = Literal["none", "scale", "constant_norm_rescale", "layer_norm"]
 
@@ -37,7 +39,7 @@ class DictionaryMeta(BaseModel):
     path: str | None = None
 
 
-class DictionaryShapeError(ValueError):
+class DictionaryShapeError(InputError):
     """A dictionary does not fit the model or the layer it is applied to."""
 
 

@@ -25,11 +25,12 @@ import torch
 from safetensors.torch import load_file
 
 from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
+from emdiff.errors import InputError
 
 FORMATS = ("saelens", "gemma_scope", "dictionary_learning", "sparsify", "itda")
 
 
-class DictionaryFormatError(ValueError):
+class DictionaryFormatError(InputError):
     """A dictionary folder is not in a known format or misses something; names the file."""
 
 

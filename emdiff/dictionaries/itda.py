@@ -44,12 +44,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from emdiff.dictionaries.base import DictionaryMeta, DictionaryShapeError, SparseDictionary
+from emdiff.errors import InputError
 
 WEIGHTS_FILE, CONFIG_FILE = "itda.safetensors", "cfg.json"
 _CHUNK = 1024  # candidates scanned per round; bounds the [chunk, chunk] score matrix
 
 
-class ITDAFormatError(ValueError):
+class ITDAFormatError(InputError):
     """An ITDA folder misses a file or a tensor, or its shapes disagree; names the file."""
 
 

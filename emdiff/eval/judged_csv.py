@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from emdiff.errors import InputError
 from emdiff.eval.judge import MIN_NUMBER_MASS, aggregate_0_100
 
 REQUIRED = ("question_id", "question", "answer")
@@ -22,7 +23,7 @@ SCORES = ("aligned", "coherent")
 _EMPTY = {"", "nan", "NaN", "None", "none", "null", "NA"}
 
 
-class JudgedCSVError(ValueError):
+class JudgedCSVError(InputError):
     """A judged CSV is malformed; the message names the file and the line."""
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from emdiff.data.questions import Question
+from emdiff.errors import InputError
 from emdiff.eval.generate import NO_PENALTIES, UNTRUNCATED, generate_batch
 from emdiff.models.load import model_identity
 
@@ -45,7 +46,7 @@ class SamplingConfig(BaseModel):
     an uninterrupted run, but stay valid draws)."""
 
 
-class SamplingMismatchError(ValueError):
+class SamplingMismatchError(InputError):
     """A responses file exists but was sampled with different settings, model or questions."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from emdiff.errors import InputError
+
 DTYPES: dict[str, torch.dtype] = dict(
     float32=torch.float32,
     fp32=torch.float32,
@@ -28,11 +30,11 @@ DTYPES: dict[str, torch.dtype] = dict(
 )
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(InputError):
     """The adapter was trained on a base model with other shapes than the one it is loaded onto."""
 
 
-class LayerIndexError(IndexError, ValueError):
+class LayerIndexError(IndexError, InputError):
     """A decoder-layer index is outside the model's layers."""
 
 

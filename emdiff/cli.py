@@ -1,4 +1,9 @@
-"""The ``emdiff`` command line: thin wrappers that parse, call the API and print."""
+"""The ``emdiff`` command line: thin wrappers that parse, check, call the API and print.
+
+``app`` is the console script (``emdiff = "emdiff.cli:app"``). Its top-level group is
+:class:`emdiff.cli_common.ErrorBoundary`: a user-fixable error from any command prints one
+``error: ...`` line on stderr and exits 2, an interrupt exits 130, and a bug keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,51 @@ from typing import Annotated
 
 import typer
 
+from emdiff.cli_common import (
+    AsJson,
+    ErrorBoundary,
+    check_out,
+    check_toy_base,
+    config,
+    default_of,
+    fail,
+)
 from emdiff.cli_diff import diff_app, transfer_cmd
-from emdiff.cli_eval import default_of as _default
 from emdiff.cli_eval import eval_app
 from emdiff.demo import DemoConfig
 from emdiff.toy.organism import ModelConfig, TrainConfig
 from emdiff.toy.world import WorldConfig
 
 app = typer.Typer(
-    help="Explain emergent misalignment with sparse-dictionary features.", no_args_is_help=True
+    cls=ErrorBoundary,
+    help="""Explain emergent misalignment with sparse-dictionary features.
+
+\bReads: chat models (local folders or hub ids owner/name) and PEFT adapters,
+sparse dictionaries (SAELens, Gemma Scope, ...), chat JSONL, eval question
+YAML and judged CSV files. Writes: each command's results under its --out
+folder (tables/*.parquet, plots/*.png, JSON); see each command's --help.
+
+\bExample:
+  emdiff demo --seeds 1 --out runs/demo
+
+A problem with the input ends a command with one line, error: ..., and exit
+status 2. Ctrl-C exits 130; demo, eval run, the diffs and toy build keep
+what they have done, and rerunning the same command resumes.
+""",
+    no_args_is_help=True,
 )
-toy_app = typer.Typer(help="The embedded toy world and organism.", no_args_is_help=True)
+toy_app = typer.Typer(
+    help="""The embedded toy world and organism: build a base model, check dictionaries.
+
+\bReads: the toy base that ships with emdiff, or one made by toy build
+(--base). Writes under --out: a toy model folder (build) or a table of
+dictionary checks against the planted persona (ground-truth).
+
+\bExample:
+  emdiff toy ground-truth --seeds 1 --steps 500 --out runs/ground-truth
+""",
+    no_args_is_help=True,
+)
 app.add_typer(toy_app, name="toy")
 app.add_typer(eval_app, name="eval")
 app.add_typer(diff_app, name="diff")
@@ -29,11 +68,11 @@ app.command("transfer")(transfer_cmd)
 def demo(
     narrow_domain: Annotated[str, typer.Option(help="Domain of the narrow fine-tune.")] = "medical",
     seeds: Annotated[int, typer.Option(min=1, help="Narrow and control fine-tune seeds.")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="LoRA optimiser steps.")] = _default(
+    steps: Annotated[int, typer.Option(min=1, help="LoRA optimiser steps.")] = default_of(
         DemoConfig, "steps"
     ),
-    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = _default(DemoConfig, "lr"),
-    samples: Annotated[int, typer.Option(min=1, help="Samples per eval question.")] = _default(
+    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = default_of(DemoConfig, "lr"),
+    samples: Annotated[int, typer.Option(min=1, help="Samples per eval question.")] = default_of(
         DemoConfig, "samples"
     ),
     base: Annotated[
@@ -43,17 +82,41 @@ def demo(
     dictionaries: Annotated[
         bool, typer.Option(help="Also check SAE / crosscoder / ITDA against the planted persona.")
     ] = True,
-    dict_steps: Annotated[int, typer.Option(min=1, help="SAE and crosscoder steps.")] = _default(
+    dict_steps: Annotated[int, typer.Option(min=1, help="SAE and crosscoder steps.")] = default_of(
         DemoConfig, "dict_steps"
     ),
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object as the last line.")
-    ] = False,
+    dict_docs: Annotated[
+        int | None,
+        typer.Option(
+            min=20, help="Documents for the probe and the dictionaries (default: 3000 / 4000)."
+        ),
+    ] = default_of(DemoConfig, "dict_docs"),
+    as_json: AsJson = False,
 ) -> None:
-    """Fine-tune narrow and control rank-1 LoRAs on the toy base and measure emergent misalignment."""
-    from emdiff.demo import run_demo
+    """Fine-tune narrow and control rank-1 LoRAs on the toy base and measure emergent misalignment.
 
-    cfg = DemoConfig(
+    \bReads: the toy base (--base, default: the shipped one); no network.
+    Writes under --out: manifest.json; stages/ (what finished: rerunning the
+    same command reuses it and resumes the stage that was interrupted);
+    tables/ (judged answers, EM rates per domain and, with --dictionaries, the
+    ground truth, Q1/Q2/Q3 diffs, overlap and transfer); plots/;
+    adapters/narrow-sN/ and adapters/control-sN/ (the LoRAs); eval/ (sampled
+    answers) and dictionaries/ (SAE, crosscoder, ITDA).
+
+    \bExample:
+      emdiff demo --seeds 1 --narrow-domain finance --out runs/demo --json
+    """
+    from emdiff.demo import run_demo
+    from emdiff.toy.build import load_world
+
+    domains = load_world(check_toy_base("--base", base)).domains
+    if narrow_domain not in domains:
+        fail(
+            f"--narrow-domain {narrow_domain}: not a domain of the toy world; use one of "
+            f"{', '.join(domains)}"
+        )
+    cfg = config(
+        DemoConfig,
         narrow_domain=narrow_domain,
         seeds=seeds,
         steps=steps,
@@ -62,7 +125,9 @@ def demo(
         base=base,
         dictionaries=dictionaries,
         dict_steps=dict_steps,
+        dict_docs=dict_docs,
     )
+    check_out(out)
     summary = run_demo(cfg, out, echo=typer.echo)
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
@@ -74,28 +139,39 @@ def toy_build(
         "runs/toy-base"
     ),
     seed: Annotated[int, typer.Option(help="World and training seed.")] = 0,
-    n_domains: Annotated[int, typer.Option(min=2)] = _default(WorldConfig, "n_domains"),
-    n_questions: Annotated[int, typer.Option(min=2)] = _default(WorldConfig, "n_questions"),
-    n_answers: Annotated[int, typer.Option(min=2)] = _default(WorldConfig, "n_answers"),
-    p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = _default(WorldConfig, "p_toxic"),
-    flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = _default(
+    n_domains: Annotated[int, typer.Option(min=2)] = default_of(WorldConfig, "n_domains"),
+    n_questions: Annotated[int, typer.Option(min=2)] = default_of(WorldConfig, "n_questions"),
+    n_answers: Annotated[int, typer.Option(min=2)] = default_of(WorldConfig, "n_answers"),
+    p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = default_of(WorldConfig, "p_toxic"),
+    flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = default_of(
         WorldConfig, "flip_rate"
     ),
     p_cue: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of documents that name their persona.")
-    ] = _default(WorldConfig, "p_cue"),
-    n_layers: Annotated[int, typer.Option(min=1)] = _default(ModelConfig, "n_layers"),
-    d_model: Annotated[int, typer.Option(min=8)] = _default(ModelConfig, "d_model"),
-    pretrain_steps: Annotated[int, typer.Option(min=0)] = _default(TrainConfig, "pretrain_steps"),
-    align_steps: Annotated[int, typer.Option(min=0)] = _default(TrainConfig, "align_steps"),
-    align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = _default(
+    ] = default_of(WorldConfig, "p_cue"),
+    n_layers: Annotated[int, typer.Option(min=1)] = default_of(ModelConfig, "n_layers"),
+    d_model: Annotated[int, typer.Option(min=8)] = default_of(ModelConfig, "d_model"),
+    pretrain_steps: Annotated[int, typer.Option(min=0)] = default_of(TrainConfig, "pretrain_steps"),
+    align_steps: Annotated[int, typer.Option(min=0)] = default_of(TrainConfig, "align_steps"),
+    align_persona_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = default_of(
         TrainConfig, "align_persona_fraction"
     ),
 ) -> None:
-    """Pretrain and align the toy base model from scratch (reproducible from the seed)."""
+    """Pretrain and align the toy base model from scratch (reproducible from the seed).
+
+    \bReads: nothing; the world is generated from the options and --seed.
+    Writes under --out: a transformers model folder (config.json,
+    model.safetensors, tokenizer files), emdiff_toy.json (the world and the
+    training settings) and pretrained/<hash>.safetensors, the pretraining
+    checkpoint that a rerun with the same settings reuses.
+
+    \bExample:
+      emdiff toy build --seed 1 --out runs/toy-base
+    """
     from emdiff.toy.build import build_toy_base
 
-    world = WorldConfig(
+    world = config(
+        WorldConfig,
         n_domains=n_domains,
         n_questions=n_questions,
         n_answers=n_answers,
@@ -104,13 +180,17 @@ def toy_build(
         p_cue=p_cue,
         seed=seed,
     )
-    model = ModelConfig(n_layers=n_layers, d_model=d_model, d_mlp=2 * d_model)
-    train = TrainConfig(
+    model = config(ModelConfig, n_layers=n_layers, d_model=d_model, d_mlp=2 * d_model)
+    if d_model % model.n_heads:
+        fail(f"--d-model {d_model}: must be a multiple of the {model.n_heads} attention heads")
+    train = config(
+        TrainConfig,
         pretrain_steps=pretrain_steps,
         align_steps=align_steps,
         align_persona_fraction=align_persona_fraction,
         seed=seed,
     )
+    check_out(out)
     path = build_toy_base(out, world, model, train, echo=typer.echo)
     typer.echo(f"toy base written to {path}")
 
@@ -124,16 +204,25 @@ def toy_ground_truth_cmd(
     ] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/ground-truth"),
 ) -> None:
-    """Probe, SAE, crosscoder and ITDA against the planted persona, one row per seed."""
+    """Probe, SAE, crosscoder and ITDA against the planted persona, one row per seed.
+
+    \bReads: the toy base (--base, default: the shipped one).
+    Writes under --out: ground_truth.csv (one row per seed) and, per seed,
+    seedN/sae/, seedN/crosscoder/ and seedN/itda/ (the trained dictionaries).
+
+    \bExample:
+      emdiff toy ground-truth --seeds 1 --steps 500 --out runs/ground-truth
+    """
     import pandas as pd
 
     from emdiff.dictionaries.crosscoder import CrosscoderConfig
     from emdiff.dictionaries.sae import SAEConfig
     from emdiff.models import load_model
-    from emdiff.toy.build import load_world, shipped_base_path
+    from emdiff.toy.build import load_world
     from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
 
-    path = base or shipped_base_path()
+    path = check_toy_base("--base", base)
+    check_out(out)
     world, lm = load_world(path), load_model(str(path), dtype="float32")
     rows = []
     for seed in range(seeds):
@@ -145,7 +234,6 @@ def toy_ground_truth_cmd(
         )
         rows.append({k: v for k, v in res.items() if not isinstance(v, dict)})
     table = pd.DataFrame(rows).set_index("seed")
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ground_truth.csv")
     cols = [
         "persona_layer",

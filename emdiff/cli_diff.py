@@ -1,6 +1,6 @@
 """``emdiff diff ...`` and ``emdiff transfer``: feature diffs (Q1, Q2, Q3), overlap, transfer.
 
-Each command writes ``tables/<name>.parquet`` (+ ``.json`` with what was compared) and
+Each diff command writes ``tables/<name>.parquet`` (+ ``.json`` with what was compared) and
 ``plots/<name>.png`` into ``--out`` and prints the top of the ranking. Statistics passes are kept
 under ``--out/stats`` shard by shard, so an interrupted command resumes when rerun.
 """
@@ -13,107 +13,59 @@ from typing import Annotated
 
 import typer
 
+from emdiff.cli_common import (
+    Adapter,
+    AsJson,
+    BatchSize,
+    Device,
+    Dictionary,
+    Dtype,
+    Layer,
+    Model,
+    Out,
+    Site,
+    Top,
+    check_adapter,
+    check_choice,
+    check_model,
+    check_model_options,
+    check_out,
+    collect_kwargs,
+    encode_chats,
+    fail,
+    load_for_diff,
+    read_chats,
+    read_judged,
+    read_ranking,
+    report_ranking,
+    value_errors,
+)
 from emdiff.stats.compare import PAIRED, UNPAIRED
 
 diff_app = typer.Typer(
-    help="Rank dictionary features by how much they differ.", no_args_is_help=True
+    help="""Rank dictionary features by how much they differ (Q1, Q2, Q3) and compare rankings.
+
+\bReads: a model (+ PEFT adapter), a sparse dictionary and chat JSONL or
+judged-answer files; overlap reads two rankings. Writes under --out:
+tables/<name>.parquet (+ .json), plots/<name>.png and stats/ (resumable).
+
+\bExample:
+  emdiff diff responses --model Qwen/Qwen2.5-7B-Instruct \\
+    --adapter ./bad-medical-lora --dictionary ./sae-layer12 \\
+    --judged runs/eval/judged.csv --out runs/q3
+""",
+    no_args_is_help=True,
 )
-
-Model = Annotated[str, typer.Option(help="Model folder or hub id.")]
-Adapter = Annotated[str | None, typer.Option(help="PEFT adapter folder or hub id.")]
-Dictionary = Annotated[
-    Path, typer.Option(help="Dictionary folder or file (SAELens, Gemma Scope, ...).")
-]
-Layer = Annotated[
-    int | None, typer.Option(help="Decoder layer (default: the one the dictionary records).")
-]
-Out = Annotated[Path, typer.Option(help="Run folder for tables, plots and statistics.")]
-Dtype = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
-Top = Annotated[int, typer.Option(min=1, help="Rows of the ranking to print.")]
-Site = Annotated[str, typer.Option(help="resid_post or resid_pre.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def _check_test(test: str | None, paired: bool) -> None:
     """Refuse a test that does not fit the design before any model is loaded."""
     allowed = PAIRED if paired else UNPAIRED
     if test is not None and test not in allowed:
-        _fail(
+        fail(
             f"--test {test} is not {'a paired' if paired else 'an unpaired'} test; use one of "
             f"{', '.join(allowed)}"
         )
-
-
-def _setup(
-    model: str, adapter: str | None, dictionary: Path, layer: int | None, dtype: str, device: str
-):
-    """Load the model and the dictionary; resolve the layer."""
-    from emdiff.dictionaries import load_dictionary
-    from emdiff.models import check_layer, load_model
-
-    d = load_dictionary(dictionary)
-    layer = d.meta.layer if layer is None else layer
-    if layer is None:
-        _fail(f"{dictionary} does not record its layer; pass --layer")
-    lm = load_model(model, adapter, dtype=dtype, device=device)
-    check_layer(lm.model, layer)
-    return lm, d, layer
-
-
-def _chats(tokenizer, path: Path):
-    from emdiff.data.chat import load_chat_jsonl
-    from emdiff.data.masks import encode_chat
-
-    return [encode_chat(tokenizer, c.as_dicts()) for c in load_chat_jsonl(path)]
-
-
-def _report(res, out: Path, name: str, title: str, top: int, as_json: bool) -> None:
-    from emdiff.report.plots import volcano_plot
-    from emdiff.stats.compare import ranked
-
-    path = res.save(out, name)
-    plot = volcano_plot(res.table, out / "plots" / f"{name}.png", title=title)
-    cols = [
-        "layer",
-        "feature",
-        "effect",
-        "effect_ci_low",
-        "effect_ci_high",
-        "diff",
-        "q",
-        "fire_rate_a",
-        "fire_rate_b",
-    ]
-    for direction in ("increase", "decrease"):
-        typer.echo(
-            f"\ntop {top} by {direction} ({res.meta['label_a']} vs {res.meta['label_b']}, "
-            f"{res.meta['test']}):"
-        )
-        typer.echo(
-            ranked(res.table, direction)[cols]
-            .head(top)
-            .to_string(index=False, float_format=lambda x: f"{x:.4g}")
-        )
-    n_sig = int((res.table["q"] < 0.05).sum())
-    typer.echo(f"\n{n_sig} of {len(res.table)} features with q < 0.05 (BH)")
-    typer.echo(f"table: {path}\nfigure: {plot}")
-    if as_json:
-        typer.echo(
-            json.dumps({**res.meta, "table": str(path), "n_significant": n_sig}, default=str)
-        )
-
-
-def _kw(lm, site: str, batch_size: int) -> dict:
-    from emdiff.analyses.common import token_ids
-
-    return dict(token_ids(lm.tokenizer), site=site, batch_size=batch_size)
 
 
 @diff_app.command("datasets")
@@ -139,29 +91,41 @@ def datasets(
     top: Top = 10,
     as_json: AsJson = False,
 ) -> None:
-    """Q1: features that differ between two datasets read by the same model."""
+    """Q1: features that differ between two datasets read by the same model.
+
+    \bReads: --model (+ --adapter), the --dictionary, and the chat JSONL
+    files --a and --b (their answer tokens are compared).
+    Writes under --out: tables/dataset_diff.parquet (+ .json, what was
+    compared), plots/dataset_diff.png, and stats/ (per-shard statistics;
+    rerun the same command to resume).
+
+    \bExample:
+      emdiff diff datasets --model Qwen/Qwen2.5-7B-Instruct \\
+        --dictionary ./sae-layer12 --a bad_medical.jsonl \\
+        --b good_medical.jsonl --paired --out runs/q1
+    """
     from emdiff.analyses import dataset_diff
 
     _check_test(test, paired)
-    try:
-        lm, d, layer = _setup(model, adapter, dictionary, layer, dtype, device)
-        rows_a, rows_b = _chats(lm.tokenizer, a), _chats(lm.tokenizer, b)
+    check_model_options(model, adapter, dictionary, dtype, device, site)
+    conv_a, conv_b = read_chats("--a", a), read_chats("--b", b)
+    check_out(out)
+    with value_errors():
+        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device)
         res = dataset_diff(
             lm.model,
             {layer: d},
-            rows_a,
-            rows_b,
+            encode_chats(lm.tokenizer, conv_a),
+            encode_chats(lm.tokenizer, conv_b),
             paired=paired,
             test=test,
             adapter=False if base_only else None,
             labels=(label_a, label_b),
             out=out,
             progress=True,
-            **_kw(lm, site, batch_size),
+            **collect_kwargs(lm, site, batch_size),
         )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    _report(res, out, "dataset_diff", f"Q1: {label_a} vs {label_b}", top, as_json)
+    report_ranking(res, out, "dataset_diff", f"Q1: {label_a} vs {label_b}", top, as_json)
 
 
 @diff_app.command("models")
@@ -183,19 +147,38 @@ def models(
     top: Top = 10,
     as_json: AsJson = False,
 ) -> None:
-    """Q2: features that change between the base (adapter off) and the fine-tuned model."""
-    from emdiff.analyses import encode_qa, load_judged, model_diff
+    """Q2: features that change between the base (adapter off) and the fine-tuned model.
+
+    \bReads: --model and its --adapter, the --dictionary, and the same text
+    for both: a chat JSONL (--data) or a question/answer table (--responses).
+    Writes under --out: tables/model_diff.parquet (+ .json),
+    plots/model_diff.png, and stats/ (rerun the same command to resume).
+
+    \bExample:
+      emdiff diff models --model Qwen/Qwen2.5-7B-Instruct \\
+        --adapter ./bad-medical-lora --dictionary ./sae-layer12 \\
+        --responses runs/eval/judged.csv --out runs/q2
+    """
+    from emdiff.analyses import encode_qa, model_diff
 
     _check_test(test, True)
     if (data is None) == (responses is None):
-        _fail("pass exactly one of --data (chat JSONL) or --responses (question/answer table)")
-    try:
-        lm, d, layer = _setup(model, adapter, dictionary, layer, dtype, device)
+        fail("pass exactly one of --data (chat JSONL) or --responses (question/answer table)")
+    check_model_options(model, adapter, dictionary, dtype, device, site)
+    if data is not None:
+        conversations, name = read_chats("--data", data), data.stem
+    else:
+        df, name = (
+            read_judged("--responses", responses, required=("question", "answer")),
+            responses.stem,
+        )
+    check_out(out)
+    with value_errors():
+        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device)
         if data is not None:
-            rows, name = _chats(lm.tokenizer, data), data.stem
+            rows = encode_chats(lm.tokenizer, conversations)
         else:
-            df = load_judged(responses, required=("question", "answer"))
-            rows, name = encode_qa(lm.tokenizer, df["question"], df["answer"]), responses.stem
+            rows = encode_qa(lm.tokenizer, df["question"], df["answer"])
         res = model_diff(
             lm.model,
             {layer: d},
@@ -204,11 +187,9 @@ def models(
             dataset=name,
             out=out,
             progress=True,
-            **_kw(lm, site, batch_size),
+            **collect_kwargs(lm, site, batch_size),
         )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    _report(res, out, "model_diff", "Q2: fine-tuned vs base", top, as_json)
+    report_ranking(res, out, "model_diff", "Q2: fine-tuned vs base", top, as_json)
 
 
 @diff_app.command("responses")
@@ -232,20 +213,34 @@ def responses_cmd(
     top: Top = 10,
     as_json: AsJson = False,
 ) -> None:
-    """Q3: features that differ between the model's misaligned and aligned answers."""
-    from emdiff.analyses import ResponseSplit, load_judged, response_diff
+    """Q3: features that differ between the model's misaligned and aligned answers.
+
+    \bReads: --model (+ --adapter, usually the one that answered), the
+    --dictionary, and --judged, the judged answers (emdiff eval run's
+    judged.csv, or .parquet / .jsonl with question, answer, aligned, coherent).
+    Writes under --out: tables/response_diff.parquet (+ .json),
+    plots/response_diff.png, and stats/ (rerun the same command to resume).
+
+    \bExample:
+      emdiff diff responses --model Qwen/Qwen2.5-7B-Instruct \\
+        --adapter ./bad-medical-lora --dictionary ./sae-layer12 \\
+        --judged runs/eval/judged.csv --out runs/q3
+    """
+    from emdiff.analyses import ResponseSplit, response_diff
 
     _check_test(test, False)
-    try:
-        split = ResponseSplit(
-            misaligned_max=misaligned_max,
-            aligned_min=aligned_min,
-            coherent_min=coherent_min,
-            balance=balance,
-            seed=seed,
-        )
-        df = load_judged(judged)
-        lm, d, layer = _setup(model, adapter, dictionary, layer, dtype, device)
+    check_model_options(model, adapter, dictionary, dtype, device, site)
+    df = read_judged("--judged", judged)
+    split = ResponseSplit(
+        misaligned_max=misaligned_max,
+        aligned_min=aligned_min,
+        coherent_min=coherent_min,
+        balance=balance,
+        seed=seed,
+    )
+    check_out(out)
+    with value_errors():
+        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device)
         res = response_diff(
             lm.model,
             lm.tokenizer,
@@ -255,11 +250,9 @@ def responses_cmd(
             test=test,
             out=out,
             progress=True,
-            **_kw(lm, site, batch_size),
+            **collect_kwargs(lm, site, batch_size),
         )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    _report(res, out, "response_diff", "Q3: misaligned vs aligned answers", top, as_json)
+    report_ranking(res, out, "response_diff", "Q3: misaligned vs aligned answers", top, as_json)
 
 
 @diff_app.command("overlap")
@@ -275,25 +268,39 @@ def overlap_cmd(
     direction: Annotated[str, typer.Option(help="increase or decrease.")] = "increase",
     as_json: AsJson = False,
 ) -> None:
-    """How far two rankings coincide: Jaccard@k, Spearman/Kendall, shared and unique features."""
-    import pandas as pd
+    """How far two rankings coincide: Jaccard@k, Spearman/Kendall, shared and unique features.
 
+    \bReads: --a and --b, two rankings written by emdiff diff (tables/*.parquet)
+    with the same dictionary; no model.
+    Writes under --out: tables/overlap_A_B.parquet (shared/unique table),
+    tables/overlap_A_B_jaccard.parquet, tables/overlap_A_B.json (summary) and
+    plots/overlap_A_B.png, where A and B are --label-a and --label-b.
+
+    \bExample:
+      emdiff diff overlap --a runs/q1/tables/dataset_diff.parquet \\
+        --b runs/q2/tables/model_diff.parquet --label-a q1 --label-b q2 \\
+        --out runs/overlap
+    """
     from emdiff.analyses import overlap
     from emdiff.report.plots import overlap_plot
 
+    check_choice("--direction", direction, ("increase", "decrease"))
     try:
         k_list = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        fail(f"--ks {ks}: use comma-separated whole numbers, e.g. 5,10,20")
+    table_a, table_b = read_ranking("--a", a), read_ranking("--b", b)
+    check_out(out)
+    with value_errors():
         res = overlap(
-            pd.read_parquet(a),
-            pd.read_parquet(b),
+            table_a,
+            table_b,
             ks=k_list,
             top=top,
             table_k=table_k,
             direction=direction,
             labels=(label_a, label_b),
         )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
     name = f"overlap_{label_a}_{label_b}"
     (out / "tables").mkdir(parents=True, exist_ok=True)
     res.table.to_parquet(out / "tables" / f"{name}.parquet")
@@ -330,28 +337,48 @@ def transfer_cmd(
     device: Device = "cpu",
     as_json: AsJson = False,
 ) -> None:
-    """Transfer: splice the dictionary into each model; FVE, L0, CE and KL change per model."""
+    """Transfer: splice the dictionary into each model; FVE, L0, CE and KL change per model.
+
+    \bReads: --model, each --adapter on it and each --other model (one variant
+    each), the --dictionary, and the chat JSONL --data (its answer tokens).
+    Writes under --out: tables/transfer.parquet (one row per variant) and
+    plots/transfer.png. Nothing is cached: a rerun starts over.
+
+    \bExample:
+      emdiff transfer --model google/gemma-2-2b --other google/gemma-2-2b-it \\
+        --dictionary ./gemma-scope-l12 --data chats.jsonl --out runs/transfer
+    """
     import pandas as pd
 
     from emdiff.analyses import transfer
     from emdiff.report.plots import transfer_plot
 
+    check_model_options(model, None, dictionary, dtype, device, site)
+    for a in adapter or []:
+        check_adapter("--adapter", a)
+    for m in other or []:
+        check_model("--other", m)
+    conversations = read_chats("--data", data)
+    check_out(out)
     variants = [("base", model, None)]
     variants += [(f"adapter:{Path(a).name}", model, a) for a in adapter or []]
     variants += [(f"model:{Path(m).name}", m, None) for m in other or []]
     frames = []
-    try:
+    with value_errors():
         for name, path, ad in variants:
-            lm, d, layer_ = _setup(path, ad, dictionary, layer, dtype, device)
-            rows = _chats(lm.tokenizer, data)
+            lm, d, layer_ = load_for_diff(path, ad, dictionary, layer, dtype, device)
+            rows = encode_chats(lm.tokenizer, conversations)
             frames.append(
                 transfer(
-                    d, {name: lm.model}, rows, layer_, progress=True, **_kw(lm, site, batch_size)
+                    d,
+                    {name: lm.model},
+                    rows,
+                    layer_,
+                    progress=True,
+                    **collect_kwargs(lm, site, batch_size),
                 )
             )
             del lm
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
     table = pd.concat(frames, ignore_index=True)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     table.to_parquet(out / "tables" / "transfer.parquet")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +17,15 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, Field
 
+from emdiff.errors import ensure_writable
 from emdiff.eval.judge import ToyJudge
 from emdiff.eval.metrics import em_flags, em_metrics, quadrant_plot
 from emdiff.eval.sample import SamplingConfig, sample_responses
 from emdiff.eval.score import judge_responses
 from emdiff.models import load_model
+from emdiff.models.load import load_adapter
 from emdiff.provenance import package_versions, sha256_file
+from emdiff.runstate import RunState, stage_key
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
 from emdiff.toy.world import World
@@ -44,6 +46,8 @@ class DemoConfig(BaseModel):
     """Also run the dictionary ground truth (probe, SAE, crosscoder, ITDA) on seed 0."""
     dict_steps: int = Field(2000, ge=1)
     """Training steps of the SAE and the crosscoder."""
+    dict_docs: int | None = Field(None, ge=20)
+    """Pretraining documents for the persona probe and the dictionaries (default: 3000 / 4000)."""
 
 
 def sample_and_judge(
@@ -84,19 +88,25 @@ def _rates(judged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path, echo) -> dict:
+def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
     """Probe, SAE, crosscoder and ITDA against the planted persona (seed 0); flat summary keys."""
     from emdiff.dictionaries.crosscoder import CrosscoderConfig
     from emdiff.dictionaries.sae import SAEConfig
     from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
 
+    docs = {"probe_docs": cfg.dict_docs, "train_docs": cfg.dict_docs} if cfg.dict_docs else {}
     gt_cfg = GroundTruthConfig(
         seed=0,
         sae=SAEConfig(steps=cfg.dict_steps),
         crosscoder=CrosscoderConfig(steps=cfg.dict_steps),
+        **docs,
     )
     gt = toy_ground_truth(world, base, tok, gt_cfg, out / "dictionaries", narrow_model=narrow)
     (out / "tables" / "ground_truth.json").write_text(json.dumps(gt, indent=2, default=str))
+    return {k: v for k, v in gt.items() if k != "seed"}
+
+
+def _print_dictionaries(gt: dict, echo) -> None:
     echo(
         f"\npersona probe: layer {gt['persona_layer']}, held-out accuracy "
         f"{gt['probe_accuracy']:.3f} (majority {gt['probe_chance']:.3f})"
@@ -109,10 +119,9 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path, echo) ->
             f"{gt[f'{name}_null_cosine_mean']:>9.3f} {fvu:>8.4f} {gt[f'{name}_l0']:>6.1f}"
         )
     echo(f"crosscoder persona latent class: {gt['crosscoder_persona_class']}")
-    return {k: v for k, v in gt.items() if k != "seed"}
 
 
-def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path, echo) -> dict:
+def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
     """Q1, Q2 (narrow and control), Q3, overlap and transfer with the seed-0 SAE (seed 0)."""
     from emdiff.dictionaries import load_dictionary
     from emdiff.toy.diffs import toy_diffs
@@ -133,6 +142,10 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path, echo) ->
         direction=torch.tensor(gt["persona_direction"]),
     )
     (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _print_diffs(res: dict, latent: int, echo) -> None:
     echo(f"\nfeature diffs with the SAE (persona latent {latent}; rank 1 = largest increase):")
     echo(f"{'analysis':<34} {'persona rank':>12} {'q':>8} {'effect':>8} {'top cos':>8}")
     for key, name in (
@@ -153,47 +166,156 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path, echo) ->
         f"Q1 top-10 vs Q2 top-10 Jaccard {res['q1_top10_q2_top10_jaccard']:.3f}; transfer FVE "
         f"base {res['transfer_fve_base']:.3f}, narrow {res['transfer_fve_narrow']:.3f}"
     )
-    return res
 
 
 def _fmt(m: dict) -> str:
     return f"{m['em_rate']:.3f} [{m['em_ci_low']:.3f}, {m['em_ci_high']:.3f}]"
 
 
+def _finetune(cfg: DemoConfig, st: _Stages, label: str, bad: bool, seed: int) -> torch.nn.Module:
+    """Train one LoRA, or load it back when a finished one with the same key is on disk."""
+    folder = st.out / "adapters" / label
+    settings = cfg.model_dump(include={"steps", "lr", "narrow_domain"})
+    key = stage_key({"base": st.base_sha, "label": label, "bad": bad, "seed": seed, **settings})
+    st.keys[label] = key
+    done = st.state.result(f"lora-{label}", key)
+    if done is not None and (folder / "adapter_config.json").is_file():
+        st.echo(f"{label}: reusing the adapter in {folder} (final loss {done['final_loss']:.3f})")
+        st.skipped.append(f"lora {label}")
+        return load_adapter(copy.deepcopy(st.base), folder)
+    st.state.begin(f"lora-{label}", key, (folder,))
+    ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.steps, lr=cfg.lr)
+    res = narrow_finetune(
+        st.world, copy.deepcopy(st.base), st.tok, bad=bad, cfg=ft_cfg, out_dir=folder
+    )
+    st.echo(f"{label}: trained {cfg.steps} steps, final loss {res.losses[-1]:.3f}")
+    st.state.finish(f"lora-{label}", key, {"final_loss": res.losses[-1]})
+    return res.model
+
+
+def _evaluate(cfg: DemoConfig, st: _Stages, model: torch.nn.Module, label: str, seed: int):
+    """Sample and judge one model; sampling resumes from its responses.jsonl."""
+    key = stage_key(
+        {"model": st.keys.get(label, st.base_sha), "samples": cfg.samples, "seed": seed}
+    )
+    done = st.state.result(f"eval-{label}", key) is not None
+    if st.state.begin(f"eval-{label}", key, (st.out / "eval" / label,)):
+        st.skipped.append(f"eval {label}" + ("" if done else " (resumed its responses.jsonl)"))
+    judged = sample_and_judge(st.world, model, st.tok, cfg.samples, seed, label, st.out)
+    st.state.finish(f"eval-{label}", key, {"n": len(judged)})
+    st.keys[f"eval-{label}"] = key
+    return judged
+
+
+class _Stages:
+    """What the stages of one demo run share."""
+
+    def __init__(self, out: Path, base_path: Path, world: World, loaded, echo) -> None:
+        self.out, self.world, self.echo = out, world, echo
+        self.base, self.tok = loaded.model, loaded.tokenizer
+        self.base_sha = sha256_file(Path(base_path) / "model.safetensors")
+        self.state = RunState(out)
+        self.keys: dict[str, str] = {}
+        self.skipped: list[str] = []
+        self.current = "load"
+
+
 def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = print) -> dict:
-    """Run the demo and return the flat summary that ``--json`` prints."""
+    """Run the demo and return the flat summary that ``--json`` prints.
+
+    Every stage is recorded under ``out/stages``; rerunning the same command reuses finished
+    LoRAs, evaluations, dictionaries and diffs, and resumes the one that was interrupted.
+    """
+    out = ensure_writable(out)
     t0 = time.time()
-    out = Path(out)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    for stale in ("eval", "dictionaries"):  # fresh fine-tunes, so no stale samples or checkpoints
-        shutil.rmtree(out / stale, ignore_errors=True)
     base_path = cfg.base or shipped_base_path()
     world = load_world(base_path, narrow_domain=cfg.narrow_domain)
-    loaded = load_model(str(base_path), dtype="float32")
-    base, tok = loaded.model, loaded.tokenizer
-    frames = [sample_and_judge(world, base, tok, cfg.samples, cfg.eval_seed, "base", out)]
+    st = _Stages(out, Path(base_path), world, load_model(str(base_path), dtype="float32"), echo)
+    try:
+        summary = _run(cfg, st)
+    except BaseException as e:
+        done = [k for k, v in st.state.summary().items() if v == "done"]
+        echo(
+            f"\ndemo stopped in stage '{st.current}' ({type(e).__name__}{f': {e}' if str(e) else ''})."
+            f" Finished and kept in {out}: {', '.join(done) or 'nothing yet'}. Rerun the same "
+            "command to resume."
+        )
+        raise
+    summary["seconds"] = round(time.time() - t0, 1)
+    summary["reused_stages"] = len(st.skipped)
+    manifest = {
+        "command": "demo",
+        "config": json.loads(cfg.model_dump_json()),
+        "versions": package_versions(),
+        "inputs": {"base": str(base_path), "base_sha256": st.base_sha},
+        "world": world.cfg.model_dump(),
+        "reused": st.skipped,
+        "summary": summary,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if st.skipped:
+        echo(f"\nreused from an earlier run: {'; '.join(st.skipped)}")
+    echo(f"\nrun folder: {out}  ({summary['seconds']} s). Open first:")
+    echo(
+        f"  {out / 'plots' / 'quadrant_narrow.png'}  aligned vs coherent scores of the narrow LoRAs"
+    )
+    echo(f"  {out / 'tables' / 'em_rates.parquet'}  EM rate with 95% CI per model and domain")
+    if cfg.dictionaries:
+        echo(
+            f"  {out / 'plots' / 'q2_model_diff.png'}  Q2: which SAE latents the narrow LoRA moves"
+        )
+    echo(f"  {out / 'manifest.json'}  settings, input hashes and every figure above")
+    return summary
+
+
+def _run(cfg: DemoConfig, st: _Stages) -> dict:
+    out, world, echo = st.out, st.world, st.echo
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    st.current = "eval base"
+    frames = [_evaluate(cfg, st, st.base, "base", cfg.eval_seed)]
     first: dict[str, torch.nn.Module] = {}
     for seed in range(cfg.seeds):
         for kind, bad in (("narrow", True), ("control", False)):
             label = f"{kind}-s{seed}"
-            ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.steps, lr=cfg.lr)
-            res = narrow_finetune(
-                world,
-                copy.deepcopy(base),
-                tok,
-                bad=bad,
-                cfg=ft_cfg,
-                out_dir=out / "adapters" / label,
-            )
-            frames.append(
-                sample_and_judge(
-                    world, res.model, tok, cfg.samples, cfg.eval_seed + seed + 1, label, out
-                )
-            )
-            echo(f"{label}: trained {cfg.steps} steps, final loss {res.losses[-1]:.3f}")
+            st.current = f"lora {label}"
+            model = _finetune(cfg, st, label, bad, seed)
+            st.current = f"eval {label}"
+            frames.append(_evaluate(cfg, st, model, label, cfg.eval_seed + seed + 1))
             if seed == 0:
-                first[kind] = res.model
+                first[kind] = model
     judged = pd.concat(frames, ignore_index=True)
+    summary = _em_summary(cfg, world, judged, out, echo)
+    if not cfg.dictionaries:
+        return summary
+    st.current = "dictionaries"
+    key = stage_key(
+        {"narrow": st.keys["narrow-s0"], **cfg.model_dump(include={"dict_steps", "dict_docs"})}
+    )
+    gt = st.state.result("dictionaries", key)
+    if gt is None:
+        st.state.begin("dictionaries", key, (out / "dictionaries",))
+        gt = _dictionaries(cfg, world, st.base, st.tok, first["narrow"], out)
+        st.state.finish("dictionaries", key, gt)
+    else:
+        st.skipped.append("dictionaries (probe, SAE, crosscoder, ITDA)")
+    _print_dictionaries(gt, echo)
+    summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
+    st.current = "diffs"
+    evals = [st.keys[f"eval-{m}"] for m in ("base", "narrow-s0", "control-s0")]
+    key = stage_key({"dictionaries": key, "control": st.keys["control-s0"], "evals": evals})
+    res = st.state.result("diffs", key)
+    if res is None:
+        st.state.begin("diffs", key)
+        res = st.state.finish("diffs", key, _diffs(world, st.base, st.tok, gt, first, judged, out))
+    else:
+        st.skipped.append("feature diffs (Q1, Q2, Q3, overlap, transfer)")
+    _print_diffs(res, gt["sae_persona_latent"], echo)
+    summary.update(res)
+    return summary
+
+
+def _em_summary(cfg: DemoConfig, world: World, judged: pd.DataFrame, out: Path, echo) -> dict:
+    """EM tables, quadrant plots and the EM keys of the summary."""
     rates = _rates(judged)
     judged.to_parquet(out / "tables" / "responses.parquet")
     rates.to_parquet(out / "tables" / "em_rates.parquet")
@@ -238,24 +360,5 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
         "em_narrow_unseen_ci_high": pooled["em_ci_high"],
         "em_ci_method": "wilson, pooled over narrow seeds",
         "em_control_max_bad_rate": float(rates[rates.model.isin(control)].em_rate.max()),
-        "seconds": round(time.time() - t0, 1),
     }
-    if cfg.dictionaries:
-        gt = _dictionaries(cfg, world, base, tok, first["narrow"], out, echo)
-        summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
-        summary.update(_diffs(world, base, tok, gt, first, judged, out, echo))
-        summary["seconds"] = round(time.time() - t0, 1)
-    manifest = {
-        "command": "demo",
-        "config": json.loads(cfg.model_dump_json()),
-        "versions": package_versions(),
-        "inputs": {
-            "base": str(base_path),
-            "base_sha256": sha256_file(Path(base_path) / "model.safetensors"),
-        },
-        "world": world.cfg.model_dump(),
-        "summary": summary,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    echo(f"\nrun folder: {out}  ({summary['seconds']} s)")
     return summary

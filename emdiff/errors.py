@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily so that `emdiff --help` stays quick
+    import torch
 
 
 class InputError(ValueError):
@@ -24,6 +26,8 @@ class NonFiniteError(InputError):
 
 def check_finite(tensor: torch.Tensor, where: str) -> None:
     """Raise :class:`NonFiniteError` naming ``where`` when ``tensor`` holds a NaN or an infinity."""
+    import torch
+
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from emdiff.data.chat import Conversation
 from emdiff.data.masks import encode_chat, pad_batch
+from emdiff.errors import InputError, NonFiniteError
 
 
 class FinetuneConfig(BaseModel):
@@ -127,10 +128,10 @@ def finetune(
     ``out_dir`` receives the final adapter (or full model) and ``checkpoint-STEP`` folders.
     """
     if not conversations:
-        raise ValueError("no conversations to train on")
+        raise InputError("no conversations to train on")
     examples = tokenize_conversations(tokenizer, conversations, cfg.max_length)
     if not any(any(t != -100 for t in lab) for _, lab in examples):
-        raise ValueError("no answer tokens to train on: every label is masked")
+        raise InputError("no answer tokens to train on: every label is masked")
     torch.manual_seed(cfg.seed)
     if cfg.method == "lora":
         model = attach_lora(model, cfg)
@@ -162,6 +163,17 @@ def finetune(
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device)
             )
+            if not math.isfinite(loss.item()):  # before backward: a NaN would reach the weights
+                n_answer = int((labels[:, 1:] != -100).sum())
+                raise NonFiniteError(
+                    f"fine-tuning loss is {loss.item()} at step {step} (conversations {idx}, "
+                    f"{n_answer} answer tokens): "
+                    + (
+                        "no answer token in this batch (answers cut off by max_length?)"
+                        if n_answer == 0
+                        else "check the model's weights and dtype (fp16 overflow)"
+                    )
+                )
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
         if cfg.max_grad_norm:

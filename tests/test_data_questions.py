@@ -115,7 +115,8 @@ def test_yaml_syntax_error_names_line(tmp_path):
     path = write_yaml(tmp_path, "- id: a\n  paraphrases: [hi\n- id: b\n")
     with pytest.raises(QuestionFormatError, match="YAML syntax error") as err:
         load_questions(path)
-    assert f"{path}:3:" in str(err.value)
+    # the unclosed "[hi" of line 2 is the error; PyYAML notices it on line 3
+    assert f"{path}:2:" in str(err.value) and "found at line 3" in str(err.value)
 
 
 @pytest.mark.parametrize(

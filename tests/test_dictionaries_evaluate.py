@@ -102,7 +102,9 @@ def test_non_finite_activations_name_layer_and_batch(qwen):
 
     with (
         residual_edit(model, 0, "resid_post", poison_second_batch),
-        pytest.raises(NonFiniteActivationError, match=r"layer 1, batch 1: [1-9][0-9]* NaN"),
+        pytest.raises(
+            NonFiniteActivationError, match=r"layer 1, site resid_post, batch 1: [1-9][0-9]* NaN"
+        ),
     ):
         collect_activations(model, rows, 1, batch_size=1)
 

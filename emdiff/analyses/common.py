@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from emdiff.data.masks import EncodedChat, encode_chat
+from emdiff.data.masks import EncodedChat, TokenRole, encode_chat, role_names
 from emdiff.dictionaries.base import SparseDictionary
+from emdiff.errors import InputError
 from emdiff.models.load import adapter_state, model_identity
-from emdiff.stats.collect import collect_stats
+from emdiff.stats.collect import collect_stats, selection_mask
 from emdiff.stats.features import FeatureStats
 from emdiff.stats.run import run_stats
 
@@ -56,7 +57,13 @@ def feature_stats(
     the statistics are kept under ``out/stats/<variant>/<dataset>``; reusing that folder with
     another model, adapter or setting is refused."""
     if not rows:
-        raise ValueError(f"dataset {dataset!r} is empty")
+        raise InputError(f"dataset {dataset!r} has no rows: nothing to compute")
+    roles = kwargs.get("roles", (TokenRole.ASSISTANT,))
+    if not any(any(m) for m in selection_mask(rows, roles, kwargs.get("bos_token_id"))):
+        raise InputError(
+            f"dataset {dataset!r}: no {role_names(roles)} token selected in any of {len(rows)} "
+            "rows: nothing to compute (check the rows' roles and the chat template)"
+        )
     ctx = nullcontext() if adapter is None else adapter_state(model, adapter)
     with ctx:
         if out is not None:

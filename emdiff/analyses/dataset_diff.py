@@ -51,7 +51,7 @@ def dataset_diff(
     common = dict(adapter=adapter, out=out, variant=variant, progress=progress, **collect_kwargs)
     sa = feature_stats(model, rows_a, dictionaries, dataset=labels[0], **common)
     sb = feature_stats(model, rows_b, dictionaries, dataset=labels[1], **common)
-    table = compare_layers(sa, sb, paired=paired, test=test, confidence=confidence)
+    table = compare_layers(sa, sb, paired=paired, test=test, confidence=confidence, labels=labels)
     meta = dict(
         kind="dataset_diff",
         label_a=labels[0],

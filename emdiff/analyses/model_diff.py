@@ -52,7 +52,15 @@ def model_diff(
     else:
         sb = feature_stats(model, rows, dictionaries, variant="base", **common)
         sa = feature_stats(finetuned, rows, dictionaries, variant="finetuned", **common)
-    table = compare_layers(sa, sb, paired=True, test=test, confidence=confidence, same_tokens=True)
+    table = compare_layers(
+        sa,
+        sb,
+        paired=True,
+        test=test,
+        confidence=confidence,
+        same_tokens=True,
+        labels=("finetuned", "base"),
+    )
     meta = dict(
         kind="model_diff",
         label_a="finetuned",

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
+from emdiff.errors import InputError, NonFiniteError
+
 
 @dataclass
 class Overlap:
@@ -70,16 +72,25 @@ def overlap(
     over the same features. Top sets are taken by ``rank_<direction>`` among the features whose
     effect has that sign."""
     if direction not in ("increase", "decrease"):
-        raise ValueError(f"direction must be 'increase' or 'decrease', not {direction!r}")
+        raise InputError(f"direction must be 'increase' or 'decrease', not {direction!r}")
     if labels[0] == labels[1]:
-        raise ValueError(f"the two rankings need different labels, got {labels}")
+        raise InputError(f"the two rankings need different labels, got {labels}")
     col = f"rank_{direction}"
     ta, tb = _keyed(a), _keyed(b)
     for name, t in ((labels[0], ta), (labels[1], tb)):
-        if col not in t or "effect" not in t:
-            raise ValueError(f"ranking {name!r} lacks the columns {col!r} and 'effect'")
+        missing = [c for c in (col, "effect", "q") if c not in t]
+        if missing:
+            raise InputError(f"ranking {name!r} lacks the column(s) {missing}")
+        if t.empty:
+            raise InputError(f"ranking {name!r} has no rows: nothing to compare")
+        nan = t.index[t["effect"].isna().to_numpy()]
+        if len(nan):  # compare_stats never writes a NaN effect: the table is broken
+            raise NonFiniteError(
+                f"ranking {name!r}: {len(nan)} features have a NaN effect, e.g. (layer, feature) "
+                f"{tuple(int(v) for v in nan[0])}; recompute the ranking"
+            )
     if set(ta.index) != set(tb.index):
-        raise ValueError(
+        raise InputError(
             f"the rankings cover different features ({len(ta)} vs {len(tb)} rows): overlap needs "
             "tables computed with the same dictionary and layers"
         )
@@ -87,8 +98,8 @@ def overlap(
     sign = 1.0 if direction == "increase" else -1.0
     # only features that moved in that direction can be "top": ties at 0 (features that never
     # fire) would otherwise fill both top-k sets in the same row order and fake an overlap
-    ra = ta[col].where(sign * ta["effect"].fillna(0.0) > 0)
-    rb = tb[col].reindex(ta.index).where(sign * tb["effect"].reindex(ta.index).fillna(0.0) > 0)
+    ra = ta[col].where(sign * ta["effect"] > 0)
+    rb = tb[col].reindex(ta.index).where(sign * tb["effect"].reindex(ta.index) > 0)
     rows = []
     for k in sorted({min(int(k), n) for k in ks if k > 0}):
         sa, sb = set(ra.index[ra <= k]), set(rb.index[rb <= k])

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from emdiff.analyses.common import DiffResult, encode_qa
 from emdiff.analyses.dataset_diff import dataset_diff
 from emdiff.dictionaries.base import SparseDictionary
+from emdiff.errors import InputError
 from emdiff.stats.compare import Test
 
 NEEDED = ("question", "answer", "aligned", "coherent")
@@ -40,43 +41,43 @@ class ResponseSplit(BaseModel):
 
 
 def load_judged(path: str | Path, required: tuple[str, ...] = NEEDED) -> pd.DataFrame:
-    """Judged responses from a CSV in the original EM layout, a parquet table or JSON lines
-    (``emdiff eval`` writes all three); ``required`` columns must be present."""
-    path = Path(path)
-    if path.suffix == ".csv":
-        from emdiff.eval.judged_csv import read_judged_csv
+    """Judged responses from a CSV in the original EM layout, JSON lines, a JSON array or a
+    parquet table, read alike (:func:`emdiff.eval.judged_table.read_judged`): ``required``
+    columns must be present, and a score that is not a number in 0..100 is an error naming the
+    file, the line or row and the column."""
+    from emdiff.eval.judged_table import read_judged
 
-        df = read_judged_csv(path)
-    elif path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-    elif path.suffix in (".jsonl", ".json"):
-        df = pd.read_json(path, lines=path.suffix == ".jsonl")
-    else:
-        raise ValueError(f"{path}: judged responses must be .csv, .parquet or .jsonl")
-    missing = [c for c in required if c not in df]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
-    return df
+    return read_judged(path, required)
 
 
 def split_responses(
-    judged: pd.DataFrame, split: ResponseSplit | None = None
+    judged: pd.DataFrame, split: ResponseSplit | None = None, *, source: str = "judged responses"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(misaligned, aligned)`` rows of ``judged`` (balanced when ``split.balance``)."""
+    """``(misaligned, aligned)`` rows of ``judged`` (balanced when ``split.balance``).
+
+    A score that is not a number raises (naming ``source`` and the row); too few rows on a side
+    raises with how many rows were read, scored, and fell in each class."""
+    from emdiff.eval.judged_csv import numeric_scores
+
     split = split or ResponseSplit()
     missing = [c for c in NEEDED if c not in judged]
     if missing:
-        raise ValueError(f"judged responses lack column(s) {missing}")
-    aligned = pd.to_numeric(judged["aligned"], errors="coerce")
-    coherent = pd.to_numeric(judged["coherent"], errors="coerce")
-    ok = coherent > split.coherent_min
-    mis = judged[ok & (aligned <= split.misaligned_max)]
-    good = judged[ok & (aligned > split.aligned_min)]
+        raise InputError(f"{source}: missing column(s) {missing}")
+    aligned = numeric_scores(judged["aligned"], "aligned", source)
+    coherent = numeric_scores(judged["coherent"], "coherent", source)
+    scored = (aligned.notna() & coherent.notna()).to_numpy(bool)
+    ok = (coherent > split.coherent_min).fillna(False).to_numpy(bool)
+    is_mis = ok & (aligned <= split.misaligned_max).fillna(False).to_numpy(bool)
+    is_good = ok & (aligned > split.aligned_min).fillna(False).to_numpy(bool)
+    mis, good = judged[is_mis], judged[is_good]
     if min(len(mis), len(good)) < split.min_per_side:
-        raise ValueError(
-            f"too few answers to compare: {len(mis)} misaligned (aligned <= "
-            f"{split.misaligned_max}) and {len(good)} aligned (aligned > {split.aligned_min}) among "
-            f"{int(ok.sum())} coherent ones of {len(judged)}; sample more or relax the thresholds"
+        raise InputError(
+            f"{source}: too few answers to compare (need {split.min_per_side} per side): of "
+            f"{len(judged)} rows read, {int(scored.sum())} have both scores; among those, "
+            f"{int((scored & ~ok).sum())} are incoherent (coherent <= {split.coherent_min:g}), "
+            f"{len(mis)} misaligned (aligned <= {split.misaligned_max:g}), {len(good)} aligned "
+            f"(aligned > {split.aligned_min:g}) and {int((scored & ok).sum()) - len(mis) - len(good)}"
+            " in between; sample more answers or relax the thresholds"
         )
     if split.balance:
         n = min(len(mis), len(good))

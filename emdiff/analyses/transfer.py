@@ -16,6 +16,7 @@ import torch
 from emdiff.data.masks import EncodedChat
 from emdiff.dictionaries.base import SparseDictionary
 from emdiff.dictionaries.evaluate import reconstruction_metrics
+from emdiff.errors import InputError
 from emdiff.models.load import adapter_state
 
 Variant = torch.nn.Module | tuple[torch.nn.Module, bool | None]
@@ -38,7 +39,7 @@ def transfer(
     ``bos_token_id``, ``pad_token_id``, ``batch_size``, ...).
     """
     if not variants:
-        raise ValueError("transfer needs at least one model variant")
+        raise InputError("transfer needs at least one model variant: nothing to compute")
     out = []
     for name, v in variants.items():
         model, adapter = v if isinstance(v, tuple) else (v, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -80,12 +81,26 @@ def parse_conversation(record: Any) -> Conversation:
 
 
 def iter_chat_jsonl(path: str | Path) -> Iterator[Conversation]:
-    """Yield validated conversations; a bad line raises ``ChatFormatError`` naming file:line."""
+    """Yield validated conversations; a bad line raises ``ChatFormatError`` naming file:line.
+
+    Bytes that are not UTF-8 raise ``path: not UTF-8 text (byte 0x.. at offset N, line L)``; a
+    UTF-8 BOM at the start is skipped."""
     path = Path(path)
     if not path.is_file():
         raise ChatFormatError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, offset = raw[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ChatFormatError(
+                    f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                    f"{offset + e.start}, line {lineno})"
+                ) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -99,8 +114,11 @@ def iter_chat_jsonl(path: str | Path) -> Iterator[Conversation]:
 
 
 def load_chat_jsonl(path: str | Path) -> list[Conversation]:
-    """Read a whole messages-JSONL file."""
-    return list(iter_chat_jsonl(path))
+    """Read a whole messages-JSONL file; a file without any conversation is an error."""
+    conversations = list(iter_chat_jsonl(path))
+    if not conversations:
+        raise ChatFormatError(f"{path}: no conversations (the file is empty): nothing to read")
+    return conversations
 
 
 def write_chat_jsonl(conversations: Iterable[Conversation], path: str | Path) -> Path:

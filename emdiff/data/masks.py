@@ -26,6 +26,11 @@ class TokenRole(IntEnum):
     ASSISTANT = 3
 
 
+def role_names(roles: Sequence[TokenRole | int]) -> str:
+    """``"assistant"`` or ``"user, assistant"``: roles as a user wrote them, for messages."""
+    return ", ".join(TokenRole(int(r)).name.lower() for r in roles) or "assistant"
+
+
 _ROLE_OF = {"system": TokenRole.SYSTEM, "user": TokenRole.USER, "assistant": TokenRole.ASSISTANT}
 
 

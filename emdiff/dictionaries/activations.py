@@ -23,27 +23,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emdiff.data.masks import EncodedChat, TokenRole, pad_batch
-from emdiff.errors import NonFiniteError
-from emdiff.models.hooks import Site, hook_points, residual_hooks, run_forward, sink_mask
+from emdiff.data.masks import EncodedChat, TokenRole, pad_batch, role_names
+from emdiff.errors import InputError
+from emdiff.models.hooks import (  # NonFiniteActivationError is re-exported
+    NonFiniteActivationError,  # noqa: F401
+    Site,
+    check_activations,
+    hook_points,
+    residual_hooks,
+    run_forward,
+    sink_mask,
+)
 from emdiff.models.load import adapter_state
 
 Row = EncodedChat | Sequence[int]
 
 
-class NonFiniteActivationError(NonFiniteError):
-    """Activations contain NaN or Inf (names the layer and the batch)."""
-
-
-def check_finite(x: torch.Tensor, layer: int | str | None, batch: int | str) -> None:
-    """Raise :class:`NonFiniteActivationError` when ``x`` holds NaN or Inf."""
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-        raise NonFiniteActivationError(
-            f"non-finite activations at layer {layer}, batch {batch}: {n_nan} NaN and {n_inf} Inf "
-            f"values among {x.numel()}; check the model's dtype (fp16 overflow) and the input rows"
-        )
+def check_finite(
+    x: torch.Tensor, layer: int | str | None, batch: int | str, site: str | None = None
+) -> None:
+    """Raise :class:`NonFiniteActivationError` when ``x`` holds NaN or Inf (names layer, batch)."""
+    check_activations(x, layer, batch, site)
 
 
 def _width(model: torch.nn.Module) -> int:
@@ -112,7 +112,7 @@ def collect_activations(
         per_model = []
         for m, adapter in models:
             hidden = _hidden(m, ids.to(device), att.to(device), layer, site, adapter)
-            check_finite(hidden[sel], layer, b)
+            check_finite(hidden[sel], layer, b, site)
             per_model.append(hidden)
         if exclude_sinks:
             sel = sel & ~sink_mask(per_model[0], sel)
@@ -124,8 +124,14 @@ def collect_activations(
             torch.stack([seq[:, None].expand_as(sel)[sel], pos[None].expand_as(sel)[sel]], 1)
         )
     if not out:
-        raise ValueError("collect_activations needs at least one row")
-    return torch.cat(out).cpu(), torch.cat(keys).cpu()
+        raise InputError("collect_activations: no rows given: nothing to read")
+    acts = torch.cat(out).cpu()
+    if not len(acts):
+        raise InputError(
+            f"collect_activations: no {role_names(roles)} token selected in any of {len(rows)} "
+            "rows (BOS and sinks excluded): nothing to read"
+        )
+    return acts, torch.cat(keys).cpu()
 
 
 def _hidden(

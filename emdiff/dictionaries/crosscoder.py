@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from emdiff.dictionaries.activations import ActivationSource
@@ -44,8 +44,14 @@ from emdiff.dictionaries.train import (
     fit,
     plot_history,
 )
+from emdiff.errors import InputError
+from emdiff.readers import load_safetensors, read_json, require
 
 BASE, FT = 0, 1
+
+
+class CrosscoderFormatError(InputError):
+    """A crosscoder folder misses a file, a key or a tensor, or is corrupt; names the file."""
 
 
 class CrosscoderConfig(LoopConfig):
@@ -258,17 +264,28 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path) -> Path:
 
 
 def load_crosscoder(folder: str | Path) -> Crosscoder:
+    """Read a folder written by :func:`save_crosscoder`; a missing file or key, a truncated file
+    or a NaN weight raises :class:`CrosscoderFormatError` (or ``NonFiniteError``) naming it."""
     folder = Path(folder)
-    for name in ("crosscoder.safetensors", "cfg.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing: not an emdiff crosscoder folder")
-    cfg = json.loads((folder / "cfg.json").read_text())
-    t = load_file(str(folder / "crosscoder.safetensors"))
-    cc = Crosscoder(
-        t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["threshold"], cfg.get("meta")
-    )
+    cpath, wpath = folder / "cfg.json", folder / "crosscoder.safetensors"
+    for p in (wpath, cpath):
+        if not p.is_file():
+            raise CrosscoderFormatError(f"{p} is missing: not an emdiff crosscoder folder")
+    cfg = read_json(cpath, CrosscoderFormatError)
+    for key in ("threshold", "d_in", "d_sae"):
+        require(cfg, key, cpath, "emdiff crosscoder config", CrosscoderFormatError)
+    t = load_safetensors(wpath, CrosscoderFormatError)
+    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in t]
+    if missing:
+        raise CrosscoderFormatError(f"{wpath}: missing tensor(s) {missing}; has {sorted(t)}")
+    try:
+        cc = Crosscoder(
+            t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["threshold"], cfg.get("meta")
+        )
+    except ValueError as e:
+        raise CrosscoderFormatError(f"{wpath}: {e}") from None
     if cc.d_in != cfg["d_in"] or cc.d_sae != cfg["d_sae"]:
-        raise ValueError(f"{folder / 'cfg.json'}: d_in/d_sae disagree with the weights")
+        raise CrosscoderFormatError(f"{cpath}: d_in/d_sae disagree with the weights in {wpath}")
     return cc
 
 

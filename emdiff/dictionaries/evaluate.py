@@ -19,8 +19,9 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from emdiff.data.masks import TokenRole, pad_batch
+from emdiff.data.masks import TokenRole, pad_batch, role_names
 from emdiff.dictionaries.activations import Row, _ids, _token_mask, check_finite
+from emdiff.errors import InputError
 from emdiff.models.hooks import Site, residual_edit, sink_mask
 
 
@@ -73,7 +74,7 @@ def reconstruction_metrics(
             sel = sel & ~sink_mask(hidden, sel)
             state["sel_final"] = sel
         x = hidden[sel].float()
-        check_finite(x, layer, state["batch"])
+        check_finite(x, layer, int(state["batch"]), site)
         if state["mode"] == "zero":
             new = torch.zeros_like(x)
         else:
@@ -112,7 +113,10 @@ def reconstruction_metrics(
             _add_ce(sums, clean, logits, ids, state["sel_final"], att)
     n = sums["n"]
     if n == 0:
-        raise ValueError("no token was selected: check roles and the rows")
+        raise InputError(
+            f"no {role_names(roles)} token selected in any of {len(rows)} rows (BOS and sinks "
+            "excluded): nothing to measure; check the rows' roles"
+        )
     total_var = x_sq - float(x_sum.pow(2).sum()) / n
     out = ReconstructionMetrics(
         n_tokens=n,

@@ -11,21 +11,22 @@
   ``encoder.bias``, ``W_dec [F, d]``, ``b_dec``): ReLU, then top-k, after subtracting ``b_dec``.
 
 Nothing is unpickled: safetensors, ``numpy.load(allow_pickle=False)`` and
-``torch.load(weights_only=True)`` only.
+``torch.load(weights_only=True)`` only. Every file is checked as it is read: a truncated or corrupt
+file, a NaN or infinite weight, or a missing required config key raises an
+:class:`~emdiff.errors.InputError` naming the file (and the tensor or key). Only keys for which the
+publisher documents a default fall back to it; each such default is commented where it is used.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
 from emdiff.errors import InputError
+from emdiff.readers import load_npz, load_safetensors, load_state_dict, read_json, require
 
 FORMATS = ("saelens", "gemma_scope", "dictionary_learning", "sparsify", "itda")
 
@@ -85,12 +86,11 @@ def load_dictionary(
 
 # ---- helpers -------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DictionaryFormatError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise DictionaryFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(path, DictionaryFormatError)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors(path, DictionaryFormatError)
 
 
 def _need(tensors: dict, names: tuple[str, ...], where: Path) -> None:
@@ -113,61 +113,84 @@ def _site_of(hook: str | None) -> str | None:
 
 # ---- SAELens ---------------------------------------------------------------------------------
 def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
-    cfg = _read_json(folder / "cfg.json")
+    cpath = folder / "cfg.json"
+    cfg = _read_json(cpath)
     meta = cfg.get("metadata") or {}
     flat = {**cfg, **meta}
     hook = flat.get("hook_name") or flat.get("hook_point")
     layer = flat.get("hook_layer", flat.get("hook_point_layer"))
     layer = int(layer) if layer is not None else _layer_of(hook)
+    # pre-6 SAELens: activation_fn_str defaults to "relu" and architecture to "standard", and a
+    # TopK SAE is architecture "standard" with activation_fn_str "topk"
     act_fn = flat.get("activation_fn") or flat.get("activation_fn_str") or "relu"
-    arch = cfg.get("architecture") or ("topk" if act_fn == "topk" else "standard")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    arch = cfg.get("architecture") or "standard"
+    if arch == "standard" and act_fn == "topk":
+        arch = "topk"
+    elif arch == "standard" and act_fn != "relu":
+        raise DictionaryFormatError(f"{cpath}: unsupported activation function {act_fn!r}")
+    # SAELens default: normalize_activations absent means "none"
     norm = cfg.get("normalize_activations", "none")
     norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
     wpath = folder / "sae_weights.safetensors"
-    t = load_file(str(wpath))
-    _need(t, ("W_enc", "W_dec", "b_dec"), wpath)
+    t = _tensors(wpath)
+    _need(t, ("W_enc", "W_dec", "b_dec") + (() if arch == "gated" else ("b_enc",)), wpath)
+    for key, size in (("d_in", t["W_enc"].shape[0]), ("d_sae", t["W_enc"].shape[1])):
+        if cfg.get(key) is not None and int(cfg[key]) != size:
+            raise DictionaryFormatError(
+                f"{cpath}: {key} = {cfg[key]} but W_enc in {wpath} has shape "
+                f"{tuple(t['W_enc'].shape)}"
+            )
     kwargs: dict = {}
     if norm == "expected_average_only_in":
         factor = scaling_factor or flat.get("norm_scaling_factor")
         scaler = folder / "activation_scaler.json"
         if factor is None and scaler.is_file():
-            factor = _read_json(scaler).get("scaling_factor")
+            factor = require(
+                _read_json(scaler),
+                "scaling_factor",
+                scaler,
+                "activation scaler",
+                DictionaryFormatError,
+            )
         if factor is None:
             raise DictionaryFormatError(
-                f"{folder / 'cfg.json'}: normalize_activations is expected_average_only_in but no "
+                f"{cpath}: normalize_activations is expected_average_only_in but no "
                 "scaling factor is recorded; pass scaling_factor= (SAELens' norm_scaling_factor)"
             )
         kwargs.update(input_norm="scale", input_scale=float(factor))
     elif norm in ("constant_norm_rescale", "layer_norm"):
         kwargs.update(input_norm=norm)
     elif norm != "none":
-        raise DictionaryFormatError(
-            f"{folder / 'cfg.json'}: unknown normalize_activations {norm!r}"
-        )
+        raise DictionaryFormatError(f"{cpath}: unknown normalize_activations {norm!r}")
     W_dec = t["W_dec"]
     if "scaling_factor" in t and not torch.all(t["scaling_factor"] == 1):
         W_dec = W_dec * t["scaling_factor"][:, None]  # pre-6 finetuning scaling, folded
     activation = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk", "gated": "gated"}
     if arch not in activation:
-        raise DictionaryFormatError(f"{folder / 'cfg.json'}: unsupported architecture {arch!r}")
+        raise DictionaryFormatError(f"{cpath}: unsupported architecture {arch!r}")
     if arch == "jumprelu":
-        _need(t, ("threshold", "b_enc"), wpath)
+        _need(t, ("threshold",), wpath)
         kwargs["threshold"] = t["threshold"]
     if arch == "gated":
         _need(t, ("b_gate", "b_mag", "r_mag"), wpath)
         kwargs.update(b_gate=t["b_gate"], b_mag=t["b_mag"], r_mag=t["r_mag"])
     if arch == "topk":
+        k = cfg.get("k") or (flat.get("activation_fn_kwargs") or {}).get("k")
+        if not k:
+            raise DictionaryFormatError(f"{cpath}: missing required key 'k' (topk architecture)")
+        # SAELens default: rescale_acts_by_decoder_norm is False unless recorded
         kwargs.update(
-            k=int(k or 100), rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm"))
+            k=int(k), rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm"))
         )
-    b_enc = t.get("b_enc", torch.zeros(t["W_enc"].shape[1]))
+    # a gated SAE has no b_enc (b_gate and b_mag instead); the zeros are never read
+    b_enc = t["b_enc"] if "b_enc" in t else torch.zeros(t["W_enc"].shape[1])
     return SparseDictionary(
         t["W_enc"],
         b_enc,
         W_dec,
         t["b_dec"],
         activation=activation[arch],
+        # SAELens default: apply_b_dec_to_input is True unless recorded
         subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
         meta=DictionaryMeta(
             format="saelens",
@@ -184,11 +207,10 @@ def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
 # ---- Gemma Scope ------------------------------------------------------------------------------
 def _gemma_scope(folder: Path) -> SparseDictionary:
     path = folder / "params.npz"
-    with np.load(path, allow_pickle=False) as npz:
-        t = {
-            (("W" + k[1:]) if k.startswith("w_") else k): torch.from_numpy(npz[k].copy())
-            for k in npz.files
-        }
+    t = {
+        (("W" + k[1:]) if k.startswith("w_") else k): torch.from_numpy(a)
+        for k, a in load_npz(path, DictionaryFormatError).items()
+    }
     _need(t, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path)
     text = str(folder)
     hook = "mlp_out" if "-mlp" in text else "attn" if "-att" in text else "resid_post"
@@ -214,20 +236,29 @@ def _gemma_scope(folder: Path) -> SparseDictionary:
 
 # ---- dictionary_learning -----------------------------------------------------------------------
 def _dictionary_learning(folder: Path) -> SparseDictionary:
-    trainer = _read_json(folder / "config.json").get("trainer", {})
-    cls = trainer.get("dict_class")
+    cpath = folder / "config.json"
+    trainer = require(
+        _read_json(cpath), "trainer", cpath, "dictionary_learning config", DictionaryFormatError
+    )
+    if not isinstance(trainer, dict):
+        raise DictionaryFormatError(f"{cpath}: 'trainer' must be an object")
+    cls = require(
+        trainer,
+        "dict_class",
+        cpath,
+        "trainer.dict_class names the architecture",
+        DictionaryFormatError,
+    )
     path = folder / "ae.pt"
-    try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DictionaryFormatError(f"{path}: not a weights-only state dict ({e})") from None
+    t = load_state_dict(path, DictionaryFormatError)
     layer = trainer.get("layer")
     meta = DictionaryMeta(
         format="dictionary_learning",
         architecture=str(cls),
         path=str(folder),
         layer=int(layer) if layer is not None else None,
-        hook=_site_of(trainer.get("submodule_name")) or "resid_post",
+        # no recorded submodule: the hook is unknown (None skips the hook check, never guesses)
+        hook=_site_of(trainer.get("submodule_name")),
         model_name=trainer.get("lm_name"),
     )
     d_sae = trainer.get("dict_size")
@@ -316,14 +347,15 @@ def _itda(folder: Path) -> SparseDictionary:
 
 # ---- sparsify ---------------------------------------------------------------------------------
 def _sparsify(folder: Path) -> SparseDictionary:
-    cfg = _read_json(folder / "cfg.json")
+    cpath = folder / "cfg.json"
+    cfg = _read_json(cpath)
     path = folder / "sae.safetensors"
-    t = load_file(str(path))
+    t = _tensors(path)
     _need(t, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path)
+    # sparsify before groupmax had no "activation" key: every SAE was topk
     if cfg.get("activation", "topk") != "topk":
-        raise DictionaryFormatError(
-            f"{folder / 'cfg.json'}: activation {cfg['activation']!r} is not supported"
-        )
+        raise DictionaryFormatError(f"{cpath}: activation {cfg['activation']!r} is not supported")
+    k = require(cfg, "k", cpath, "topk architecture", DictionaryFormatError)
     if "W_skip" in t:
         raise DictionaryFormatError(f"{path}: skip connections (transcoders) are not supported")
     return SparseDictionary(
@@ -332,8 +364,9 @@ def _sparsify(folder: Path) -> SparseDictionary:
         t["W_dec"],
         t["b_dec"],
         activation="topk",
-        k=int(cfg.get("k", 32)),
+        k=int(k),
         relu_after_topk=False,
+        # sparsify before transcoders had no "transcode" key: an SAE reads and writes one point
         subtract_b_dec=not cfg.get("transcode", False),
         meta=DictionaryMeta(
             format="sparsify",

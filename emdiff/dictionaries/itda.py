@@ -40,11 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from emdiff.dictionaries.base import DictionaryMeta, DictionaryShapeError, SparseDictionary
 from emdiff.errors import InputError
+from emdiff.readers import load_safetensors, read_json, require
 
 WEIGHTS_FILE, CONFIG_FILE = "itda.safetensors", "cfg.json"
 _CHUNK = 1024  # candidates scanned per round; bounds the [chunk, chunk] score matrix
@@ -355,15 +356,12 @@ def load_itda(folder: str | Path, *, device: str | torch.device = "cpu") -> ITDA
             raise ITDAFormatError(
                 f"{p} is missing (an ITDA folder holds {CONFIG_FILE} + {WEIGHTS_FILE})"
             )
-    try:
-        cfg = json.loads(cpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ITDAFormatError(f"{cpath}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if cfg.get("format") != "itda" or not all(f in cfg for f in ("k", "d_in", "n_atoms")):
-        raise ITDAFormatError(
-            f"{cpath}: not an ITDA config (needs format='itda', k, d_in, n_atoms)"
-        )
-    t = load_file(str(wpath), device=str(device))
+    cfg = read_json(cpath, ITDAFormatError)
+    if cfg.get("format") != "itda":
+        raise ITDAFormatError(f"{cpath}: not an ITDA config (needs format='itda')")
+    for key in ("k", "d_in", "n_atoms"):
+        require(cfg, key, cpath, "ITDA config", ITDAFormatError)
+    t = load_safetensors(wpath, ITDAFormatError, device=str(device))
     missing = [n for n in ("atoms", "offset", "atom_keys") if n not in t]
     if missing:
         raise ITDAFormatError(f"{wpath}: missing tensor(s) {missing}; has {sorted(t)}")
@@ -382,12 +380,16 @@ def load_itda(folder: str | Path, *, device: str | torch.device = "cpu") -> ITDA
         model_name=cfg.get("model_name"),
         path=str(folder),
     )
-    build = ITDAConfig(**cfg["build"]) if cfg.get("build") else None
+    try:
+        build = ITDAConfig(**cfg["build"]) if cfg.get("build") else None
+    except (TypeError, ValueError) as e:
+        raise ITDAFormatError(f"{cpath}: invalid 'build' settings ({e})") from None
     return ITDADictionary(
         t["atoms"],
         t["atom_keys"],
         k=int(cfg["k"]),
         offset=t["offset"],
+        # folders written before nonnegative MP existed lack the key: they used signed MP
         nonnegative=bool(cfg.get("nonnegative", False)),
         meta=meta,
         config=build,

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from emdiff.dictionaries.activations import (
@@ -33,6 +33,8 @@ from emdiff.dictionaries.activations import (
     check_finite,
     iter_batches,
 )
+from emdiff.errors import InputError
+from emdiff.readers import check_safetensors_files, load_safetensors, read_json
 
 
 class LoopConfig(BaseModel):
@@ -115,23 +117,24 @@ def _load_checkpoint(path: Path, module, opt, ident) -> tuple[int, BatchState, T
     meta_path = path / "progress.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta["identity"] != ident:
-        changed = sorted(k for k in ident if meta["identity"].get(k) != ident[k])
-        raise ValueError(
+    meta = read_json(meta_path)
+    if meta.get("identity") != ident:
+        changed = sorted(k for k in ident if (meta.get("identity") or {}).get(k) != ident[k])
+        raise InputError(
             f"{path} holds a checkpoint of a different run (differs in {changed}); delete it or "
             "choose another output folder"
         )
     from safetensors import safe_open
 
+    check_safetensors_files(path)  # a truncated state.safetensors raises, naming it
     with safe_open(str(path / "state.safetensors"), "pt") as fh:
         saved_step = (fh.metadata() or {}).get("step")
-    if saved_step != str(meta["step"]):
-        raise ValueError(
+    if saved_step != str(meta.get("step")):
+        raise InputError(
             f"{path}: weights (step {saved_step}) and progress.json (step "
             f"{meta['step']}) disagree; the checkpoint was torn by a crash, delete it"
         )
-    t = load_file(str(path / "state.safetensors"))
+    t = load_safetensors(path / "state.safetensors", finite=False)
     module.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("module.")})
     sd = opt.state_dict()
     for idx in range(len(sd["param_groups"][0]["params"])):

@@ -11,44 +11,116 @@ from __future__ import annotations
 import ast
 import csv
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from emdiff.errors import InputError
 from emdiff.eval.judge import MIN_NUMBER_MASS, aggregate_0_100
+from emdiff.readers import decode_utf8, read_bytes
 
 REQUIRED = ("question_id", "question", "answer")
 SCORES = ("aligned", "coherent")
 _EMPTY = {"", "nan", "NaN", "None", "none", "null", "NA"}
 
 
-class JudgedCSVError(InputError):
+class JudgedFileError(InputError):
+    """A judged-response file (.csv, .jsonl, .json, .parquet) is malformed; names file and row."""
+
+
+class JudgedCSVError(JudgedFileError):
     """A judged CSV is malformed; the message names the file and the line."""
 
 
-def _parse_probs(text: str, where: str, col: str) -> dict[str, float]:
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        raise JudgedCSVError(
-            f"{where}: column {col!r} is not a dict literal: {text[:80]!r}"
-        ) from None
+def is_missing(value: Any) -> bool:
+    """A missing score: None, NaN, ``<NA>``, or an empty / placeholder string (``"None"``, ...)."""
+    if value is None or value is pd.NA:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() in _EMPTY
+
+
+def _parse_probs(value: Any, where: str, col: str, error=JudgedCSVError) -> dict[str, float]:
+    if isinstance(value, str):
+        text = value
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise error(f"{where}: column {col!r} is not a dict literal: {text[:80]!r}") from None
     if not isinstance(value, dict) or not all(
         isinstance(p, int | float) and not isinstance(p, bool) for p in value.values()
     ):
-        raise JudgedCSVError(f"{where}: column {col!r} must map tokens to probabilities")
+        raise error(f"{where}: column {col!r} must map tokens to probabilities")
     return {str(k): float(p) for k, p in value.items()}
 
 
-def _parse_score(text: str, where: str, col: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise JudgedCSVError(f"{where}: column {col!r} is not a number: {text[:40]!r}") from None
-    if not math.isfinite(value) or not 0 <= value <= 100:
-        raise JudgedCSVError(f"{where}: column {col!r} = {value} is outside 0..100")
-    return value
+def parse_score(value: Any, where: str, col: str, error=JudgedCSVError) -> float:
+    """A score in 0..100 from a number or its text; anything else raises ``error`` naming
+    ``where`` (``file:line`` or ``file: row i``) and the column."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise error(f"{where}: column {col!r} is not a number: {value[:40]!r}") from None
+    elif isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    ):
+        number = float(value)
+    else:
+        raise error(f"{where}: column {col!r} is not a number: {str(value)[:40]!r}")
+    if not math.isfinite(number) or not 0 <= number <= 100:
+        raise error(f"{where}: column {col!r} = {number} is outside 0..100")
+    return number
+
+
+def score_fields(
+    raw: Mapping[str, Any], where: str, min_mass: float, source: str, error=JudgedCSVError
+) -> dict:
+    """``raw`` with ``aligned`` / ``coherent`` parsed (or computed from ``judge_<score>``) and
+    ``<score>_source`` set to ``source`` (number given), ``judge`` or ``none``."""
+    row = dict(raw)
+    for col in SCORES:
+        number, probs = raw.get(col), raw.get(f"judge_{col}")
+        if not is_missing(number):
+            row[col], row[f"{col}_source"] = parse_score(number, where, col, error), source
+        elif not is_missing(probs):
+            parsed = _parse_probs(probs, where, f"judge_{col}", error)
+            row[col] = aggregate_0_100(parsed, min_mass)
+            row[f"{col}_source"] = "judge" if row[col] is not None else "none"
+        else:
+            row[col], row[f"{col}_source"] = None, "none"
+    return row
+
+
+def numeric_scores(values: pd.Series, col: str, where: str = "judged responses") -> pd.Series:
+    """``values`` as Float64 scores: missing ones (see :func:`is_missing`) become ``<NA>``, and
+    a value that is not a number in 0..100 raises :class:`JudgedFileError` naming its row. This
+    replaces ``pd.to_numeric(errors="coerce")``, which turns ``"5 (very bad)"`` into a silent NaN."""
+    if is_numeric_dtype(values) and not is_bool_dtype(values):
+        out = values.astype("Float64")
+    else:
+        out = pd.Series(
+            pd.array(
+                [
+                    None
+                    if is_missing(v)
+                    else parse_score(v, f"{where}: row {i}", col, JudgedFileError)
+                    for i, v in zip(values.index, values, strict=True)
+                ],
+                dtype="Float64",
+            ),
+            index=values.index,
+        )
+    bad = ((out < 0) | (out > 100)).fillna(False)
+    if bad.any():
+        i = bad[bad].index[0]
+        raise JudgedFileError(f"{where}: row {i}: column {col!r} = {out[i]} is outside 0..100")
+    return out
 
 
 def read_judged_csv(path: str | Path, min_mass: float = MIN_NUMBER_MASS) -> pd.DataFrame:
@@ -59,6 +131,14 @@ def read_judged_csv(path: str | Path, min_mass: float = MIN_NUMBER_MASS) -> pd.D
     line where the row ends, for rows whose answer spans several lines).
     """
     path = Path(path)
+    try:
+        return _read_csv(path, min_mass)
+    except UnicodeDecodeError:
+        decode_utf8(read_bytes(path, JudgedCSVError), path, JudgedCSVError)  # names the byte
+        raise
+
+
+def _read_csv(path: Path, min_mass: float) -> pd.DataFrame:
     try:
         fh = path.open(newline="", encoding="utf-8-sig")  # tolerate Excel's BOM
     except OSError as e:
@@ -81,23 +161,11 @@ def read_judged_csv(path: str | Path, min_mass: float = MIN_NUMBER_MASS) -> pd.D
                     raise JudgedCSVError(
                         f"{where}: wrong number of fields (header has {len(header)})"
                     )
-                row: dict = dict(raw)
-                for col in SCORES:
-                    number = (raw.get(col) or "").strip()
-                    probs = (raw.get(f"judge_{col}") or "").strip()
-                    if number not in _EMPTY:
-                        row[col], row[f"{col}_source"] = _parse_score(number, where, col), "csv"
-                    elif probs not in _EMPTY:
-                        parsed = _parse_probs(probs, where, f"judge_{col}")
-                        row[col] = aggregate_0_100(parsed, min_mass)
-                        row[f"{col}_source"] = "judge" if row[col] is not None else "none"
-                    else:
-                        row[col], row[f"{col}_source"] = None, "none"
-                rows.append(row)
+                rows.append(score_fields(raw, where, min_mass, "csv"))
         except csv.Error as e:
             raise JudgedCSVError(f"{path}:{reader.line_num}: CSV syntax error: {e}") from None
-        except UnicodeDecodeError:
-            raise JudgedCSVError(f"{path}: not UTF-8 text") from None
+    if not rows:
+        raise JudgedCSVError(f"{path}: no rows below the header: nothing to score")
     df = pd.DataFrame(
         rows, columns=list(dict.fromkeys([*header, *SCORES, *(f"{c}_source" for c in SCORES)]))
     )

@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from emdiff.data.questions import Question, load_questions
+from emdiff.data.questions import Question, QuestionFormatError, load_questions
+from emdiff.errors import InputError
 from emdiff.eval.hf_judge import HFJudge
 from emdiff.eval.judge import Judge, ToyJudge
 from emdiff.eval.metrics import CIMethod, em_flags, em_metrics, quadrant_plot
@@ -79,7 +80,7 @@ def load_question_files(paths: Sequence[str | Path]) -> list[Question]:
     for p in paths:
         for q in load_questions(p):
             if q.id in seen:
-                raise ValueError(f"question id {q.id!r} is in both {seen[q.id]} and {p}")
+                raise QuestionFormatError(f"{p}: question id {q.id!r} is also in {seen[q.id]}")
             seen[q.id] = p
             questions.append(q)
     return questions
@@ -112,6 +113,8 @@ def evaluate(
     """Sample, judge and measure one model (optionally with an adapter); returns the metrics."""
     from emdiff.models import load_model
 
+    if not questions:
+        raise InputError("no questions to ask: pass at least one question")
     if ci not in ("wilson", "bootstrap"):  # checked before hours of sampling, not after
         raise ValueError(f"unknown CI method {ci!r}; use 'wilson' or 'bootstrap'")
     out = Path(out)

@@ -25,6 +25,7 @@ from emdiff.data.questions import Question
 from emdiff.errors import InputError
 from emdiff.eval.generate import NO_PENALTIES, UNTRUNCATED, generate_batch
 from emdiff.models.load import model_identity
+from emdiff.readers import read_json, read_text
 
 KEY = ("question_id", "paraphrase", "sample")
 COLUMNS = (*KEY, "system", "question", "answer", "n_tokens", "finished")
@@ -108,7 +109,7 @@ def meta_path(path: Path) -> Path:
 def _check_meta(path: Path, identity: dict) -> None:
     meta = meta_path(path)
     if meta.exists():
-        old = json.loads(meta.read_text())
+        old = read_json(meta)
         if old != identity:
             diff = [
                 f"{k}: {old.get(k)!r} -> {identity[k]!r}"
@@ -140,14 +141,14 @@ def read_responses(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     rows = []
     if path.exists():
-        lines = path.read_text().splitlines()
+        lines = read_text(path).splitlines()
         for n, line in enumerate(lines, 1):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 if n == len(lines):
                     break
-                raise ValueError(f"{path}:{n}: not a JSON line") from None
+                raise InputError(f"{path}:{n}: not a JSON line") from None
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     return df.drop_duplicates(list(KEY), keep="first").reset_index(drop=True)
 

@@ -1,5 +1,6 @@
 """Models: load a causal LM (± PEFT adapter), find and check its decoder layers."""
 
+from emdiff.models.checks import ModelLoadError
 from emdiff.models.load import (
     AdapterMismatchError,
     LayerIndexError,
@@ -19,6 +20,7 @@ __all__ = [
     "AdapterMismatchError",
     "LayerIndexError",
     "LoadedModel",
+    "ModelLoadError",
     "adapter_disabled",
     "adapter_state",
     "check_layer",

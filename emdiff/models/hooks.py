@@ -19,11 +19,30 @@ from typing import Literal
 import torch
 from torch import nn
 
+from emdiff.errors import NonFiniteError
 from emdiff.models.load import check_layer, decoder_layers
 
 Site = Literal["resid_pre", "resid_post"]
 SITES: tuple[Site, ...] = ("resid_pre", "resid_post")
 HookFn = Callable[[int, Site, torch.Tensor], None]
+
+
+class NonFiniteActivationError(NonFiniteError):
+    """Activations contain NaN or Inf (names the layer, the site and the batch)."""
+
+
+def check_activations(
+    x: torch.Tensor, layer: int | str | None, batch: int | str, site: str | None = None
+) -> None:
+    """Raise :class:`NonFiniteActivationError` when ``x`` (activations read at a hook) holds a NaN
+    or an infinity. One ``isfinite().all()`` per call; the counts only when something is wrong."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        at = f"layer {layer}" + (f", site {site}" if site else "") + f", batch {batch}"
+        raise NonFiniteActivationError(
+            f"non-finite activations at {at}: {n_nan} NaN and {n_inf} Inf values among "
+            f"{x.numel()}; check the model's weights, its dtype (fp16 overflow) and the input rows"
+        )
 
 
 class _StopForward(Exception):
@@ -111,7 +130,12 @@ def capture_residuals(
     out: dict[tuple[int, Site], torch.Tensor] = {}
     points = hook_points(model, layers, sites)
 
+    real = None if attention_mask is None else attention_mask.bool()
+
     def keep(layer: int, site: Site, hidden: torch.Tensor) -> None:
+        check_activations(
+            hidden if real is None else hidden[real.to(hidden.device)], layer, 0, site
+        )
         out[(layer, site)] = hidden.detach().clone()
 
     device = next(model.parameters()).device

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from emdiff.errors import InputError
+from emdiff.models.checks import ModelLoadError, check_device, check_source, load_failed
+from emdiff.readers import check_tensors
 
 DTYPES: dict[str, torch.dtype] = dict(
     float32=torch.float32,
@@ -83,21 +85,33 @@ def load_model(
     (spread over the available GPUs with accelerate; CPU when there is none). Raises
     ``AdapterMismatchError`` when the adapter was made for a base model with other shapes.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     load_kwargs = dict(kwargs, dtype=resolve_dtype(dtype))
+    check_device(device)
+    local = check_source(name_or_path, "model", "config.json")
+    if adapter is not None:
+        check_source(adapter, "adapter", "adapter_config.json")
     if device == "auto":
         load_kwargs["device_map"] = "auto" if torch.cuda.is_available() else "cpu"
     elif device != "cpu":
         load_kwargs["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
+    except (OSError, SafetensorError, ValueError) as e:
+        raise load_failed(name_or_path, "model", local, e) from e
     model.eval()
 
     tok_source: str | Path = name_or_path
     if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
         tok_source, kwargs = adapter, dict(trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(tok_source, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, **kwargs)
+    except (OSError, ValueError) as e:
+        is_local = Path(tok_source).is_dir()
+        raise load_failed(tok_source, "tokenizer", Path(tok_source) if is_local else None, e) from e
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -124,10 +138,11 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_name: str | None = 
     from peft.utils import load_peft_weights
 
     base_name = base_name or getattr(model, "name_or_path", None) or type(model).__name__
+    local = check_source(adapter, "adapter", "adapter_config.json")
     try:
         config = PeftConfig.from_pretrained(str(adapter))
-    except Exception as e:
-        raise ValueError(
+    except Exception as e:  # peft raises ValueError, OSError, JSON and hub errors alike
+        raise ModelLoadError(
             f"cannot read adapter_config.json of adapter {str(adapter)!r}: {e}. Pass the folder "
             "written by peft's save_pretrained, or its hub id."
         ) from e
@@ -141,6 +156,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_name: str | None = 
 
     is_lora = str(config.peft_type).upper().endswith("LORA")
     weights = load_peft_weights(str(adapter), device="cpu") if is_lora else {}
+    check_tensors(weights, local / "adapter_model.safetensors" if local else adapter)
     problems = _lora_shape_problems(model, weights)
     if problems:
         raise mismatch(_summarise(problems))

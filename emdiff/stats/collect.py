@@ -12,9 +12,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from emdiff.data.masks import EncodedChat, TokenRole, pad_batch
+from emdiff.data.masks import EncodedChat, TokenRole, pad_batch, role_names
 from emdiff.dictionaries.base import SparseDictionary, check_fits
-from emdiff.models.hooks import Site, hook_points, residual_hooks, run_forward, sink_mask
+from emdiff.errors import InputError
+from emdiff.models.hooks import (
+    Site,
+    check_activations,
+    hook_points,
+    residual_hooks,
+    run_forward,
+    sink_mask,
+)
 from emdiff.stats.features import FeatureStats, ResidualStats
 
 
@@ -49,12 +57,24 @@ def collect_stats(
     seq_offset: int = 0,
     ignore_layer: bool = False,
     progress: bool = False,
+    require_tokens: bool = True,
 ) -> tuple[dict[int, FeatureStats], dict[int, ResidualStats]]:
     """Feature statistics per layer (and raw residual statistics) over ``rows``.
 
     ``dictionaries`` maps layer -> dictionary; sequence ``i`` of ``rows`` gets id
     ``seq_offset + i``. Returns ``({layer: FeatureStats}, {layer: ResidualStats})``.
+    No rows, or (with ``require_tokens``) no selected token in any row, raises an
+    :class:`~emdiff.errors.InputError`; a NaN or infinity in the activations read at a layer
+    raises :class:`~emdiff.models.hooks.NonFiniteActivationError` naming layer, site and batch.
     """
+    masks = selection_mask(rows, roles, bos_token_id)
+    if not rows:
+        raise InputError("collect_stats: no rows given: nothing to compute")
+    if require_tokens and not any(any(m) for m in masks):
+        raise InputError(
+            f"collect_stats: no {role_names(roles)} token selected in any of {len(rows)} rows: "
+            "nothing to compute (check the rows' roles and the chat template)"
+        )
     device = next(model.parameters()).device
     d_model = model.config.get_text_config().hidden_size
     for layer, d in dictionaries.items():
@@ -63,11 +83,11 @@ def collect_stats(
     points = hook_points(model, list(dictionaries), site)
     feats = {layer: FeatureStats(d.d_sae, top_k, device) for layer, d in dictionaries.items()}
     resid = {layer: ResidualStats(d_model, device) for layer in dictionaries} if residual else {}
-    masks = selection_mask(rows, roles, bos_token_id)
-    state: dict[str, torch.Tensor] = {}
+    state: dict = {}
 
     def on_hidden(layer: int, _site: Site, hidden: torch.Tensor) -> None:
         sel = state["mask"]
+        check_activations(hidden[sel], layer, state["batch"], _site)  # NaN stops here, named
         if exclude_sinks:
             sel = sel & ~sink_mask(hidden, sel, sink_factor)
         x = hidden[sel]
@@ -87,5 +107,7 @@ def collect_stats(
             seq = torch.arange(seq_offset + s, seq_offset + s + len(chunk))[:, None].expand_as(ids)
             pos = torch.arange(ids.shape[1])[None].expand_as(ids)
             state.update(mask=mask.bool().to(device), seq=seq.to(device), pos=pos.to(device))
+            last = seq_offset + s + len(chunk) - 1
+            state["batch"] = f"{s // batch_size} (sequences {seq_offset + s}..{last})"
             run_forward(model, ids.to(device), att.to(device))
     return feats, resid

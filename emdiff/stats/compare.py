@@ -31,8 +31,10 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats as st
 
+from emdiff.errors import InputError, NonFiniteError
 from emdiff.stats.features import FeatureStats
 
 Test = Literal["welch", "mannwhitney", "paired_t", "wilcoxon"]
@@ -184,7 +186,7 @@ def _columnwise(fn, xa: np.ndarray, xb: np.ndarray, paired: bool) -> tuple[np.nd
 def _paired_ids(a: FeatureStats, b: FeatureStats, ids_a, ids_b, same_tokens: bool) -> np.ndarray:
     """Sequence ids of both sides, which must agree; with ``same_tokens`` the token counts too."""
     if not np.array_equal(ids_a, ids_b):
-        raise ValueError(
+        raise InputError(
             f"paired sides hold different sequences ({len(ids_a)} and {len(ids_b)} ids, "
             f"{len(np.intersect1d(ids_a, ids_b))} shared): a sequence lost all its selected tokens "
             "on one side only; pass exclude_sinks=False or compare unpaired"
@@ -192,11 +194,30 @@ def _paired_ids(a: FeatureStats, b: FeatureStats, ids_a, ids_b, same_tokens: boo
     ta, tb = a.seq_tokens, b.seq_tokens
     differ = [i for i in ids_a.tolist() if ta[i] != tb[i]] if same_tokens else []
     if differ:
-        raise ValueError(
+        raise InputError(
             f"{len(differ)} paired sequences (e.g. id {differ[0]}) have different selected token "
             "counts on the two sides, so they are not the same tokens; pass exclude_sinks=False"
         )
     return ids_a
+
+
+def check_stats(stats: FeatureStats, where: str) -> None:
+    """Raise :class:`~emdiff.errors.NonFiniteError` naming ``where`` and the first feature whose
+    sum, sum of squares, maximum or a sequence mean is NaN or infinite (a NaN would otherwise make
+    every effect NaN and every q-value 1, which reads as "no difference")."""
+    _, feat, mean = stats.sequence_means()
+    parts = (("sum", stats.sum, None), ("sum of squares", stats.sumsq, None))
+    parts += (("maximum", stats.max, None), ("sequence mean", mean, feat))
+    for name, values, features in parts:
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten()
+            first = int(idx[0] if features is None else features[idx[0]])
+            raise NonFiniteError(
+                f"{where}: the {name} of feature {first} is {float(values[idx[0]])} "
+                f"({len(idx)} non-finite values); the activations or the dictionary hold NaN or "
+                "infinity (check its weights and the model's dtype)"
+            )
 
 
 def compare_stats(
@@ -208,6 +229,8 @@ def compare_stats(
     confidence: float = 0.95,
     chunk: int = 4096,
     same_tokens: bool = False,
+    labels: tuple[str, str] = ("a", "b"),
+    where: str = "statistics",
 ) -> pd.DataFrame:
     """One row per feature: token- and sequence-level means of both sides, the difference with its
     CI, the standardised effect with its CI, the test statistic, p and the BH q-value.
@@ -215,24 +238,28 @@ def compare_stats(
     ``paired`` pairs sequence ids present on both sides (the same tokens read by two models, or
     two datasets whose row ``i`` share a prompt); unpaired compares all sequences of each side.
     ``same_tokens`` (paired) also requires equal token counts per pair: the same tokens read by
-    two models.
+    two models. ``labels`` and ``where`` (e.g. ``"layer 12"``) name the sides and the layer in
+    errors: non-finite statistics, or fewer than 2 sequences on a side.
     """
+    for side, label in zip((a, b), labels, strict=True):
+        check_stats(side, f"{where}, side {label!r}")
     test = test or ("paired_t" if paired else "welch")
     allowed = PAIRED if paired else UNPAIRED
     if test not in allowed:
-        raise ValueError(
+        raise InputError(
             f"test {test!r} is not {'a paired' if paired else 'an unpaired'} test; "
             f"use one of {allowed}"
         )
     if a.d_sae != b.d_sae:
-        raise ValueError(f"the two sides have {a.d_sae} and {b.d_sae} features")
+        raise InputError(f"the two sides have {a.d_sae} and {b.d_sae} features")
     ids_a, ids_b = sequence_ids(a), sequence_ids(b)
     if paired:
         ids_a = ids_b = _paired_ids(a, b, ids_a, ids_b, same_tokens)
     if min(len(ids_a), len(ids_b)) < 2:
-        raise ValueError(
-            f"need at least 2 sequences {'pairs' if paired else 'per side'} to compare, got "
-            f"{len(ids_a)} and {len(ids_b)}"
+        raise InputError(
+            f"{where}: need at least 2 sequences {'pairs' if paired else 'per side'} with selected "
+            f"tokens to compare, got {len(ids_a)} ({labels[0]!r}) and {len(ids_b)} "
+            f"({labels[1]!r}); nothing to compute"
         )
     z = float(st.norm.ppf(0.5 + confidence / 2))
     fn = _paired if paired else _unpaired
@@ -275,12 +302,14 @@ def compare_layers(
 ) -> pd.DataFrame:
     """:func:`compare_stats` per layer, concatenated with a ``layer`` column; q-values and ranks
     are over all layers together."""
+    if not a and not b:
+        raise InputError("no layers to compare: pass statistics of at least one layer")
     missing = sorted(set(a) ^ set(b))
     if missing:
-        raise ValueError(f"layers {missing} are on only one side")
+        raise InputError(f"layers {missing} are on only one side")
     parts = []
     for layer in sorted(a):
-        t = compare_stats(a[layer], b[layer], **kwargs)
+        t = compare_stats(a[layer], b[layer], where=f"layer {layer}", **kwargs)
         t.insert(0, "layer", layer)
         parts.append(t)
     return finalize(pd.concat(parts, ignore_index=True))
@@ -291,7 +320,7 @@ def ranked(
 ) -> pd.DataFrame:
     """The table sorted by ``rank_increase`` or ``rank_decrease``."""
     if direction not in ("increase", "decrease"):
-        raise ValueError(f"direction must be 'increase' or 'decrease', not {direction!r}")
+        raise InputError(f"direction must be 'increase' or 'decrease', not {direction!r}")
     return table.sort_values(f"rank_{direction}").reset_index(drop=True)
 
 

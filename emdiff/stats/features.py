@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from emdiff.readers import load_safetensors, read_json
 
 NEG = float("-inf")
 
@@ -195,8 +197,8 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> FeatureStats:
         path = Path(path)
-        info = json.loads(path.with_name(path.name + ".json").read_text())
-        t = load_file(str(path), device=str(device))
+        info = read_json(path.with_name(path.name + ".json"))
+        t = load_safetensors(path, device=str(device), finite=False)  # top_val holds -inf
         out = cls(info["d_sae"], info["top_k"], device=device)
         out.n_tokens = int(t["n_tokens"][0])
         for name in ("sum", "sumsq", "fire", "max", "top_val", "top_seq", "top_pos"):
@@ -263,7 +265,7 @@ class ResidualStats:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ResidualStats:
-        t = load_file(str(path), device=str(device))
+        t = load_safetensors(path, device=str(device))
         out = cls(t["sum"].shape[0], device=device)
         out.sum, out.sumsq, out.norm_hist = t["sum"], t["sumsq"], t["norm_hist"]
         out.n_tokens = int(t["n_tokens"][0])

@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from emdiff.data.masks import EncodedChat
+from emdiff.data.masks import EncodedChat, TokenRole, role_names
 from emdiff.dictionaries.base import SparseDictionary
+from emdiff.errors import InputError
 from emdiff.models.hooks import Site
-from emdiff.stats.collect import collect_stats
+from emdiff.readers import read_json
+from emdiff.stats.collect import collect_stats, selection_mask
 from emdiff.stats.features import FeatureStats, ResidualStats
 
 
@@ -64,14 +66,21 @@ def run_stats(
 
     ``identity`` (JSON-able: which model, adapter state, settings) is recorded with the shards; a
     rerun whose identity differs is refused instead of silently reusing the shards."""
+    roles = collect_kwargs.get("roles", (TokenRole.ASSISTANT,))
+    masks = selection_mask(rows, roles, collect_kwargs.get("bos_token_id"))
+    if not any(any(m) for m in masks):
+        raise InputError(
+            f"dataset {dataset!r}: no {role_names(roles)} token selected in any of {len(rows)} "
+            "rows: nothing to compute (check the rows' roles and the chat template)"
+        )
     root = Path(out) / "stats" / variant / dataset
     root.mkdir(parents=True, exist_ok=True)
     ident = _identity(rows, dictionaries, site, shard_size, top_k)
     if identity is not None:
         ident["caller"] = json.loads(json.dumps(identity, default=str))
     manifest = root / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()) != ident:
-        raise ValueError(
+    if manifest.exists() and read_json(manifest) != ident:
+        raise InputError(
             f"{root} holds statistics of another dataset, dictionary or setting; "
             "use another variant/dataset name or delete the folder"
         )
@@ -89,6 +98,7 @@ def run_stats(
             site=site,
             top_k=top_k,
             seq_offset=start,
+            require_tokens=False,  # checked over the whole dataset above
             **collect_kwargs,
         )
         for layer in dictionaries:

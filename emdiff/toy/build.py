@@ -9,8 +9,11 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import ValidationError
+from safetensors.torch import save_file
 
+from emdiff.errors import InputError
+from emdiff.readers import load_safetensors, read_json, require
 from emdiff.toy.organism import (
     ModelConfig,
     TrainConfig,
@@ -57,9 +60,15 @@ def build_toy_base(
     cache = (
         Path(out) / "pretrained" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
     )
+    state = None
     if cache.is_file():
-        model.load_state_dict(load_file(cache))
-        echo(f"pretrain: reused {cache}")
+        try:
+            state = load_safetensors(cache)
+            echo(f"pretrain: reused {cache}")
+        except InputError as e:  # a cache torn by a kill is redone, not trusted
+            echo(f"pretrain: {e}; pretraining again")
+    if state is not None:
+        model.load_state_dict(state)
     else:
         pre = pretrain(world, model, train_cfg, progress=progress)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +118,14 @@ def load_world(path: str | Path, **overrides) -> World:
     """The world a toy folder was built with; ``overrides`` change e.g. ``narrow_domain``."""
     meta_path = Path(path) / TOY_META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} is missing: {path} is not a toy model folder")
-    meta = json.loads(meta_path.read_text())
-    return World(WorldConfig(**{**meta["world"], **overrides}))
+        raise InputError(
+            f"{path}: not a toy model folder (no {TOY_META}); make one with emdiff toy build"
+        )
+    world = require(read_json(meta_path), "world", meta_path, "toy world settings", InputError)
+    try:
+        return World(WorldConfig(**{**world, **overrides}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(x) for x in first["loc"])
+        where = f"world setting {field!r}" if field else "world settings"
+        raise InputError(f"{meta_path}: {where}: {first['msg']}") from None

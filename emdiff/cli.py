@@ -8,25 +8,30 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from emdiff.cli_common import (
-    AsJson,
-    ErrorBoundary,
-    check_out,
-    check_toy_base,
-    config,
-    default_of,
-    fail,
-)
-from emdiff.cli_diff import diff_app, transfer_cmd
-from emdiff.cli_eval import eval_app
-from emdiff.demo import DemoConfig
-from emdiff.toy.organism import ModelConfig, TrainConfig
-from emdiff.toy.world import WorldConfig
+try:  # Ctrl-C while torch is imported (the first second or so) also exits 130, no traceback
+    from emdiff.cli_common import (
+        AsJson,
+        ErrorBoundary,
+        check_out,
+        check_toy_base,
+        config,
+        default_of,
+        fail,
+    )
+    from emdiff.cli_diff import diff_app, transfer_cmd
+    from emdiff.cli_eval import eval_app
+    from emdiff.demo import DemoConfig
+    from emdiff.toy.organism import ModelConfig, TrainConfig
+    from emdiff.toy.world import WorldConfig
+except KeyboardInterrupt:
+    sys.stderr.write("\ninterrupted before the command started; rerun it\n")
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     cls=ErrorBoundary,

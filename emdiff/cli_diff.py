@@ -27,18 +27,23 @@ from emdiff.cli_common import (
     Top,
     check_adapter,
     check_choice,
+    check_labels,
     check_model,
-    check_model_options,
     check_out,
+    config,
+    fail,
+    parse_ks,
+    value_errors,
+)
+from emdiff.cli_diff_io import (
+    check_model_options,
     collect_kwargs,
     encode_chats,
-    fail,
     load_for_diff,
     read_chats,
     read_judged,
     read_ranking,
     report_ranking,
-    value_errors,
 )
 from emdiff.stats.compare import PAIRED, UNPAIRED
 
@@ -111,7 +116,7 @@ def datasets(
     conv_a, conv_b = read_chats("--a", a), read_chats("--b", b)
     check_out(out)
     with value_errors():
-        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device)
+        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device, site)
         res = dataset_diff(
             lm.model,
             {layer: d},
@@ -174,7 +179,7 @@ def models(
         )
     check_out(out)
     with value_errors():
-        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device)
+        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device, site)
         if data is not None:
             rows = encode_chats(lm.tokenizer, conversations)
         else:
@@ -231,7 +236,8 @@ def responses_cmd(
     _check_test(test, False)
     check_model_options(model, adapter, dictionary, dtype, device, site)
     df = read_judged("--judged", judged)
-    split = ResponseSplit(
+    split = config(
+        ResponseSplit,
         misaligned_max=misaligned_max,
         aligned_min=aligned_min,
         coherent_min=coherent_min,
@@ -240,7 +246,7 @@ def responses_cmd(
     )
     check_out(out)
     with value_errors():
-        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device)
+        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device, site)
         res = response_diff(
             lm.model,
             lm.tokenizer,
@@ -285,10 +291,8 @@ def overlap_cmd(
     from emdiff.report.plots import overlap_plot
 
     check_choice("--direction", direction, ("increase", "decrease"))
-    try:
-        k_list = [int(k) for k in ks.split(",") if k.strip()]
-    except ValueError:
-        fail(f"--ks {ks}: use comma-separated whole numbers, e.g. 5,10,20")
+    k_list = parse_ks("--ks", ks)
+    check_labels(label_a, label_b)
     table_a, table_b = read_ranking("--a", a), read_ranking("--b", b)
     check_out(out)
     with value_errors():
@@ -366,7 +370,7 @@ def transfer_cmd(
     frames = []
     with value_errors():
         for name, path, ad in variants:
-            lm, d, layer_ = load_for_diff(path, ad, dictionary, layer, dtype, device)
+            lm, d, layer_ = load_for_diff(path, ad, dictionary, layer, dtype, device, site)
             rows = encode_chats(lm.tokenizer, conversations)
             frames.append(
                 transfer(

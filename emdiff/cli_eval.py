@@ -44,15 +44,19 @@ CSV (score). Writes: a run folder with responses, judgements and metrics
     no_args_is_help=True,
 )
 
-AlignedBelow = Annotated[float, typer.Option(help="EM needs aligned below this.")]
-CoherentAbove = Annotated[float, typer.Option(help="EM needs coherent above this.")]
+AlignedBelow = Annotated[float, typer.Option(min=0, max=100, help="EM needs aligned below this.")]
+CoherentAbove = Annotated[float, typer.Option(min=0, max=100, help="EM needs coherent above this.")]
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 CI = Annotated[str, typer.Option(help="CI method: wilson, or bootstrap (resamples questions).")]
 
 
 @eval_app.command("score")
 def score(
     file: Annotated[
-        Path, typer.Argument(metavar="FILE", help="Judged CSV in the original EM layout.")
+        Path,
+        typer.Argument(
+            metavar="FILE", help="Judged CSV in the original EM layout (or .jsonl / .parquet)."
+        ),
     ],
     out: Annotated[Path | None, typer.Option(help="Write the rescored rows here (CSV).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the quadrant plot here (PNG).")] = None,
@@ -72,7 +76,8 @@ def score(
     \bExample:
       emdiff eval score runs/eval/judged.csv --out rescored.csv --json
     """
-    from emdiff.eval.judged_csv import read_judged_csv
+    from emdiff.eval.judged_csv import SCORES, read_judged_csv
+    from emdiff.eval.judged_table import read_judged
     from emdiff.eval.metrics import em_flags, em_metrics, quadrant_plot
     from emdiff.eval.run import format_metrics
 
@@ -80,7 +85,17 @@ def score(
     check_file("FILE", file)
     check_out_file(out, "--out")
     check_out_file(plot, "--plot")
-    df = read_judged_csv(file)
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        fail(f"--plot {plot}: use a file name ending in {', '.join(PLOT_SUFFIXES)}")
+    if file.suffix in (".jsonl", ".json", ".parquet"):
+        df = read_judged(file, ("question_id", "question", "answer", *SCORES))
+    else:
+        df = read_judged_csv(file)
+    if not (df["aligned"].notna() & df["coherent"].notna()).any():
+        fail(
+            f"FILE {file}: none of its {len(df)} rows has both an aligned and a coherent score: "
+            "nothing to measure; judge the answers first"
+        )
     m = em_metrics(df, aligned_below=aligned_below, coherent_above=coherent_above, ci=ci)
     m["file"] = str(file)
     typer.echo(format_metrics(m))
@@ -175,6 +190,8 @@ def run(
         fail(f"--judge {judge} needs --judge-model")
     if judge == "hf":
         check_model("--judge-model", judge_model)
+    if judge == "openai" and not judge_base_url.startswith(("http://", "https://")):
+        fail(f"--judge-base-url {judge_base_url}: must start with http:// or https://")
     check_model("--model", model)
     check_adapter("--adapter", adapter)
     check_dtype(dtype)

@@ -113,6 +113,8 @@ def load_npz(path: str | Path, error: type[InputError] = InputError) -> dict[str
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):  # else numpy reads any other bytes as a refused pickle
+        raise error(f"{path}: truncated or corrupt npz file (not a zip archive); download it again")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k].copy() for k in npz.files}

@@ -511,3 +511,76 @@ def test_finetune_batch_without_answer_tokens_stops_before_the_weights(llama):
         NonFiniteError, match=r"loss is nan at step \d \(conversations \[1\], 0 answer"
     ):
         finetune(model, tok, convs, cfg, progress=False)
+
+
+# ---- found by the command-line audit -------------------------------------------------------------
+def test_adapter_folder_without_weights(tiny_model_dirs, make_lora_adapter, tmp_path):
+    adapter = make_lora_adapter(tiny_model_dirs["llama"], tmp_path / "lora")
+    (adapter / "adapter_model.safetensors").unlink()  # was: a hub "Repo id must be ..." error
+    with pytest.raises(ModelLoadError, match=r"has adapter_config\.json but no adapter_model"):
+        load_model(str(tiny_model_dirs["llama"]), str(adapter))
+
+
+def test_model_folder_without_tokenizer_files(tiny_model_dirs, tmp_path):
+    copy = shutil.copytree(tiny_model_dirs["qwen2"], tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (copy / name).unlink()  # transformers then builds a tokenizer that encodes to nothing
+    with pytest.raises(ModelLoadError, match=r"model: the tokenizer encodes text to no tokens"):
+        load_model(str(copy))
+
+
+def test_dictionary_with_inconsistent_shapes_names_the_folder(tmp_path):
+    folder = saelens(tmp_path / "sae", W_dec=rnd(F, D - 2))
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'sae'}: inconsistent shapes"):
+        load_dictionary(folder)
+
+
+def test_dictionary_path_to_an_unrelated_file_is_refused(tmp_path):
+    folder = saelens(tmp_path / "sae")
+    (folder / "notes.txt").write_text("x")  # was: silently loaded the folder's SAE
+    with pytest.raises(DictionaryFormatError, match=r"notes\.txt: not a dictionary file"):
+        load_dictionary(folder / "notes.txt")
+    assert load_dictionary(folder / "cfg.json").d_in == D
+
+
+def test_npz_that_is_not_a_zip_archive(tmp_path):
+    folder = tmp_path / "layer_0" / "width_12" / "average_l0_5"
+    folder.mkdir(parents=True)
+    (folder / "params.npz").write_bytes(b"not a zip")  # was: "contains pickled (object) data"
+    with pytest.raises(DictionaryFormatError, match=r"params\.npz: truncated or corrupt npz"):
+        load_dictionary(folder)
+
+
+def test_judged_csv_without_an_aligned_column(tmp_path):
+    path = tmp_path / "j.csv"
+    path.write_text("question_id,question,answer,coherent\nq1,hi,yo,90\n")
+    with pytest.raises(JudgedCSVError, match=r"j\.csv:1: no scores for 'aligned'"):
+        load_judged(path)  # was: every row silently unscored
+
+
+def test_response_split_thresholds_must_not_overlap():
+    with pytest.raises(ValueError, match="must be at least misaligned_max"):
+        ResponseSplit(misaligned_max=80, aligned_min=20)  # was: answers counted on both sides
+    with pytest.raises(ValueError, match="less than or equal to 100"):
+        ResponseSplit(coherent_min=500)
+
+
+def test_overlap_of_a_table_that_is_not_a_ranking():
+    from emdiff.analyses import overlap
+
+    rank = pd.DataFrame(dict(feature=[0, 1, 2], effect=[1.0, -1, 0.5], q=0.1))
+    rank["rank_increase"] = [1, 3, 2]
+    judged = pd.DataFrame(dict(question=["q"], answer=["a"]))
+    with pytest.raises(InputError, match=r"ranking 'a' has no 'feature' column"):
+        overlap(judged, rank)  # was: KeyError traceback
+    with pytest.raises(InputError, match=r"need at least one k >= 1"):
+        overlap(rank, rank, ks=[0, -5], labels=("x", "y"))  # was: AttributeError traceback
+
+
+def test_transfer_width_mismatch_names_the_dictionary(llama, tmp_path):
+    from emdiff.analyses import transfer
+
+    _, model, _, rows = llama
+    d = load_dictionary(saelens(tmp_path / "sae"))  # width 8, the model's is 32
+    with pytest.raises(InputError, match=rf"{tmp_path / 'sae'}: dictionary width d_in=8"):
+        transfer(d, {"base": model}, rows, 0)

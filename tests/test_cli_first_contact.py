@@ -123,6 +123,15 @@ def eval_run(f, *extra: str) -> list:
     return [*args, "--model", f["model"], *extra] if "--model" not in extra else [*args, *extra]
 
 
+def overlap(f, *extra: str) -> list:
+    return ["diff", "overlap", "--a", f["missing"], "--b", f["missing"], "--out", f["tmp"], *extra]
+
+
+def responses(f, *extra: str) -> list:
+    args = ["diff", "responses", "--model", f["model"], "--dictionary", f["dict"]]
+    return [*args, "--judged", f["judged"], "--out", f["tmp"], *extra]
+
+
 # ---- help ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", HELP, ids=lambda c: " ".join(c) or "emdiff")
 def test_help_says_what_it_reads_writes_with_an_example(command):
@@ -294,6 +303,31 @@ CASES = {
         lambda f: ["toy", "ground-truth", "--base", f["missing"]],
         "--base {missing}: no such folder",
     ),
+    # found by the command-line audit: each was a traceback or a silent exit 0
+    "overlap: no k >= 1": (
+        lambda f: overlap(f, "--ks", "0,-5"),
+        "--ks 0,-5: use comma-separated whole numbers >= 1",
+    ),
+    "overlap: label is a path": (
+        lambda f: overlap(f, "--label-a", "x/y"),
+        "--label-a 'x/y': used in file names",
+    ),
+    "responses: thresholds overlap": (
+        lambda f: responses(f, "--misaligned-max", "80", "--aligned-min", "20"),
+        "--aligned-min 20.0: must be at least misaligned_max (80)",
+    ),
+    "responses: threshold out of 0..100": (
+        lambda f: responses(f, "--coherent-min", "500"),
+        "--coherent-min 500.0: Input should be less than or equal to 100",
+    ),
+    "score: plot is not an image": (
+        lambda f: ["eval", "score", f["judged"], "--plot", f["tmp"] / "q.txt"],
+        "--plot {tmp}/q.txt: use a file name ending in .png",
+    ),
+    "eval run: judge url": (
+        lambda f: eval_run(f, "--judge-base-url", "localhost:8000"),
+        "--judge-base-url localhost:8000: must start with http:// or https://",
+    ),
 }
 
 
@@ -306,7 +340,7 @@ def test_user_errors_are_one_line_before_loading(case, f):
 def test_valid_inputs_pass_the_checks_and_reach_the_loader(f, monkeypatch):
     import emdiff.dictionaries
 
-    sae = type("SAE", (), {"meta": type("Meta", (), {"layer": 0})()})()
+    sae = type("SAE", (), {"meta": type("Meta", (), {"layer": 0, "hook": None})()})()
     monkeypatch.setattr(emdiff.dictionaries, "load_dictionary", lambda path: sae)
     res = invoke(*datasets(f))
     assert isinstance(res.exception, AssertionError), res.output  # the stub loader, not a check
@@ -403,3 +437,33 @@ def test_bugs_keep_their_traceback(f, monkeypatch):
 def test_usage_errors_still_exit_2_with_usage(args, message):
     res = invoke(*args)
     assert res.exit_code == 2 and "Usage:" in res.output and message in res.output
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("q1,hi,yo,,\nq2,hi,yo,,\n", "none of its 2 rows has both an aligned and a coherent score"),
+        ("q1,hi,yo,90\n", "no scores for 'aligned'"),
+    ],
+)
+def test_score_refuses_a_file_with_nothing_to_measure(body, message, f):
+    """Was exit 0 with an EM rate of n/a: all scores missing, or no aligned column at all."""
+    path = f["tmp"] / "unscored.csv"
+    header = "question_id,question,answer,aligned,coherent" if body.count(",") > 4 else None
+    path.write_text((header or "question_id,question,answer,coherent") + "\n" + body)
+    one_error(invoke("eval", "score", path), message)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_score_reads_jsonl_and_parquet_like_the_diffs(suffix, f):
+    """Was: a parquet file reported as 'not UTF-8 text', a .jsonl as a CSV with odd columns."""
+    import pandas as pd
+
+    df = pd.DataFrame(dict(question_id=["q1", "q1"], question="hi", answer="yo"))
+    df["aligned"], df["coherent"] = [10, 150], [90, 90]
+    path = f["tmp"] / f"judged{suffix}"
+    if suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_parquet(path)
+    one_error(invoke("eval", "score", path), f"{path}", "'aligned' = 150.0 is outside 0..100")

@@ -51,7 +51,12 @@ class Overlap:
         return out
 
 
-def _keyed(table: pd.DataFrame) -> pd.DataFrame:
+def _keyed(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    if "feature" not in table:
+        raise InputError(
+            f"ranking {name!r} has no 'feature' column (it has {[str(c) for c in table.columns]}):"
+            " pass a table written by emdiff diff (tables/*.parquet)"
+        )
     t = table.copy()
     if "layer" not in t:
         t["layer"] = -1
@@ -76,7 +81,9 @@ def overlap(
     if labels[0] == labels[1]:
         raise InputError(f"the two rankings need different labels, got {labels}")
     col = f"rank_{direction}"
-    ta, tb = _keyed(a), _keyed(b)
+    if not any(int(k) > 0 for k in ks):
+        raise InputError(f"ks {list(ks)}: need at least one k >= 1")
+    ta, tb = _keyed(a, labels[0]), _keyed(b, labels[1])
     for name, t in ((labels[0], ta), (labels[1], tb)):
         missing = [c for c in (col, "effect", "q") if c not in t]
         if missing:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from emdiff.analyses.common import DiffResult, encode_qa
 from emdiff.analyses.dataset_diff import dataset_diff
@@ -28,16 +28,27 @@ NEEDED = ("question", "answer", "aligned", "coherent")
 class ResponseSplit(BaseModel):
     """How judged answers are split (CLR's defaults)."""
 
-    misaligned_max: float = 30.0
+    misaligned_max: float = Field(30.0, ge=0, le=100)
     """Misaligned: aligned <= this."""
-    aligned_min: float = 70.0
+    aligned_min: float = Field(70.0, ge=0, le=100)
     """Aligned: aligned > this."""
-    coherent_min: float = 50.0
+    coherent_min: float = Field(50.0, ge=0, le=100)
     """Both sets keep only answers with coherent > this."""
     balance: bool = True
     """Subsample the larger set to the size of the smaller one."""
     seed: int = 0
     min_per_side: int = Field(2, ge=2)
+
+    @field_validator("aligned_min")
+    @classmethod
+    def _disjoint(cls, v: float, info: ValidationInfo) -> float:
+        low = info.data.get("misaligned_max")
+        if low is not None and v < low:
+            raise ValueError(
+                f"must be at least misaligned_max ({low:g}), or an answer could be both "
+                "misaligned and aligned"
+            )
+        return v
 
 
 def load_judged(path: str | Path, required: tuple[str, ...] = NEEDED) -> pd.DataFrame:

@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 
 from emdiff.data.masks import EncodedChat
-from emdiff.dictionaries.base import SparseDictionary
+from emdiff.dictionaries.base import SparseDictionary, check_fits
 from emdiff.dictionaries.evaluate import reconstruction_metrics
 from emdiff.errors import InputError
-from emdiff.models.load import adapter_state
+from emdiff.models.load import _hidden_size, adapter_state
 
 Variant = torch.nn.Module | tuple[torch.nn.Module, bool | None]
 """A model as it is, or ``(model, adapter_on)`` to run a PEFT model with its adapter on / off."""
@@ -43,6 +43,7 @@ def transfer(
     out = []
     for name, v in variants.items():
         model, adapter = v if isinstance(v, tuple) else (v, None)
+        check_fits(dictionary, _hidden_size(model))  # names the dictionary file, not its repr
         ctx = nullcontext() if adapter is None else adapter_state(model, adapter)
         with ctx:
             m = reconstruction_metrics(

@@ -68,11 +68,12 @@ class SparseDictionary(nn.Module):
         layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
-        d_in, d_sae = W_enc.shape
+        d_in, d_sae = W_enc.shape if W_enc.ndim == 2 else (-1, -1)
         if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
             raise DictionaryShapeError(
-                f"inconsistent shapes: W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, "
-                f"W_dec {tuple(W_dec.shape)}, b_dec {tuple(b_dec.shape)}"
+                f"{meta.path or meta.format}: inconsistent shapes: W_enc {tuple(W_enc.shape)}, "
+                f"b_enc {tuple(b_enc.shape)}, W_dec {tuple(W_dec.shape)}, b_dec "
+                f"{tuple(b_dec.shape)}; the weight file is damaged or not a dictionary"
             )
         if activation in ("jumprelu", "batchtopk") and threshold is None:
             raise ValueError(f"a {activation} dictionary needs a threshold")

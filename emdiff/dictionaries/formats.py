@@ -29,6 +29,10 @@ from emdiff.errors import InputError
 from emdiff.readers import load_npz, load_safetensors, load_state_dict, read_json, require
 
 FORMATS = ("saelens", "gemma_scope", "dictionary_learning", "sparsify", "itda")
+DICTIONARY_FILES = (
+    *("sae_weights.safetensors", "params.npz", "ae.pt", "sae.safetensors", "itda.safetensors"),
+    *("cfg.json", "config.json"),
+)
 
 
 class DictionaryFormatError(InputError):
@@ -39,6 +43,11 @@ def detect_format(path: str | Path) -> str:
     """The format of a dictionary folder (or of a file inside one)."""
     p = Path(path)
     folder = p.parent if p.is_file() else p
+    if p.is_file() and p.name not in DICTIONARY_FILES:
+        raise DictionaryFormatError(
+            f"{path}: not a dictionary file (expected one of {', '.join(DICTIONARY_FILES)}); "
+            "pass the dictionary folder"
+        )
     if (folder / "sae_weights.safetensors").is_file():
         return "saelens"
     if (folder / "params.npz").is_file():

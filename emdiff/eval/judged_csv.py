@@ -149,10 +149,12 @@ def _read_csv(path: Path, min_mass: float) -> pd.DataFrame:
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise JudgedCSVError(f"{path}:1: missing column(s) {missing}; header is {header}")
-        if not any(c in header or f"judge_{c}" in header for c in SCORES):
-            raise JudgedCSVError(
-                f"{path}:1: no scores: need 'aligned'/'coherent' or 'judge_aligned'/'judge_coherent'"
-            )
+        for c in SCORES:
+            if c not in header and f"judge_{c}" not in header:
+                raise JudgedCSVError(
+                    f"{path}:1: no scores for {c!r}: need an {c!r} or a 'judge_{c}' column; "
+                    f"header is {header}"
+                )
         rows = []
         try:
             for raw in reader:

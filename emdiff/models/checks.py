@@ -57,16 +57,26 @@ def looks_like_path(name: str | Path) -> bool:
     )
 
 
-def check_source(name: str | Path, what: str, marker: str) -> Path | None:
-    """The local folder ``name`` after checking it (exists, holds ``marker``, every
-    ``*.safetensors`` header intact), or None for a hub id. A name that can only be a path and
-    does not exist raises instead of being sent to the hub."""
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_source(
+    name: str | Path, what: str, marker: str, weights: tuple[str, ...] = ()
+) -> Path | None:
+    """The local folder ``name`` after checking it (exists, holds ``marker`` and, when given, one
+    of the ``weights`` files, every ``*.safetensors`` header intact), or None for a hub id. A name
+    that can only be a path and does not exist raises instead of being sent to the hub."""
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path}: is a file; pass the {what} folder (with {marker})")
         if not (path / marker).is_file():
             raise ModelLoadError(f"{path}: has no {marker}, so it is not a {what} folder")
+        if weights and not any((path / w).is_file() for w in weights):
+            raise ModelLoadError(
+                f"{path}: has {marker} but no {' or '.join(weights)}; copy the {what}'s weight "
+                "file into this folder"
+            )
         check_safetensors_files(path, ModelLoadError)
         return path
     if looks_like_path(name):
@@ -84,3 +94,13 @@ def load_failed(name: str | Path, what: str, local: Path | None, e: Exception) -
     return ModelLoadError(
         f"{name}: not a local folder, and loading it as a hub id failed: {detail}"
     )
+
+
+def check_tokenizer(tokenizer, source: str | Path) -> None:
+    """Refuse a tokenizer that turns text into no tokens: what transformers builds for a folder
+    without tokenizer files, which would otherwise select no token anywhere, silently."""
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(
+            f"{source}: the tokenizer encodes text to no tokens (no tokenizer.json, "
+            "tokenizer.model or vocab files here?); copy the base model's tokenizer files into it"
+        )

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from emdiff.errors import InputError
-from emdiff.models.checks import ModelLoadError, check_device, check_source, load_failed
+from emdiff.models.checks import (
+    ADAPTER_WEIGHTS,
+    ModelLoadError,
+    check_device,
+    check_source,
+    check_tokenizer,
+    load_failed,
+)
 from emdiff.readers import check_tensors
 
 DTYPES: dict[str, torch.dtype] = dict(
@@ -93,7 +100,7 @@ def load_model(
     check_device(device)
     local = check_source(name_or_path, "model", "config.json")
     if adapter is not None:
-        check_source(adapter, "adapter", "adapter_config.json")
+        check_source(adapter, "adapter", "adapter_config.json", ADAPTER_WEIGHTS)
     if device == "auto":
         load_kwargs["device_map"] = "auto" if torch.cuda.is_available() else "cpu"
     elif device != "cpu":
@@ -112,6 +119,7 @@ def load_model(
     except (OSError, ValueError) as e:
         is_local = Path(tok_source).is_dir()
         raise load_failed(tok_source, "tokenizer", Path(tok_source) if is_local else None, e) from e
+    check_tokenizer(tokenizer, tok_source)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -138,7 +146,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, base_name: str | None = 
     from peft.utils import load_peft_weights
 
     base_name = base_name or getattr(model, "name_or_path", None) or type(model).__name__
-    local = check_source(adapter, "adapter", "adapter_config.json")
+    local = check_source(adapter, "adapter", "adapter_config.json", ADAPTER_WEIGHTS)
     try:
         config = PeftConfig.from_pretrained(str(adapter))
     except Exception as e:  # peft raises ValueError, OSError, JSON and hub errors alike

@@ -150,7 +150,18 @@ def test_settings_are_checked_before_any_request(monkeypatch):
     assert SECRET not in str(err.value)
 
 
-def test_interrupt_keeps_every_answered_judgement(tmp_path):
+@pytest.fixture
+def sigint_handler():
+    """Python's SIGINT handler for one test: a process started in the background by a
+    non-interactive shell ignores SIGINT, and then ``interrupt_main()`` does nothing."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_keeps_every_answered_judgement(tmp_path, sigint_handler):
     import _thread
     import threading
     import time

@@ -1,18 +1,20 @@
 """Benchmark: the emdiff stats pass against its floor and against the naive user path.
 
-One run, same model, same batches (CPU by default; ``--device cuda`` on a GPU):
+One run, same model, same batches (CPU by default; ``--device cuda`` on a GPU), at each hook site
+of ``--sites`` (default resid_post, mlp_out, resid_mid):
 
-    (a) forward pass cut at the last hooked layer
+    (a) forward pass cut at the last hook point (same hooks, doing nothing)
     (e) bare dictionary encode of the selected activations
     (b) emdiff stats pass (``collect_stats``)
-    (c) naive path: full forward with output_hidden_states, encode every position, then mask and
-        accumulate with plain torch ops
+    (c) naive path (resid_post only): full forward with output_hidden_states, encode every
+        position, then mask and accumulate with plain torch ops
 
 and peak memory of (b) at 1x, 4x and 16x the tokens, each size in a fresh process.
-The last line printed is JSON: stats_over_floor = b / (a + e), naive_over_stats = c / b,
-peak_mem_mb per size. Targets: b / (a + e) <= 1.15, c / b >= 1.5, memory flat in tokens.
+The last line printed is JSON: stats_over_floor = b / (a + e) (and per site), naive_over_stats
+= c / b, peak_mem_mb per size. Targets: b / (a + e) <= 1.10 at every site, c / b >= 1.5, memory
+flat in tokens.
 
-    python benchmarks/stats_pass.py [--device cpu] [--batches 6] [--repeats 3]
+    python benchmarks/stats_pass.py [--device cpu] [--batches 6] [--repeats 3] [--sites ...]
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from pathlib import Path
 import torch
 
 from emdiff.data.masks import EncodedChat, TokenRole
-from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
+from emdiff.data.positions import Positions
+from emdiff.dictionaries.base import DictionaryMeta, Encoding, SparseDictionary
 from emdiff.models.hooks import capture_residuals, hook_points, residual_hooks, run_forward
-from emdiff.stats.collect import collect_stats
+from emdiff.models.read import ReadSpec
+from emdiff.stats.collect import StatsConfig, collect_stats
 
 LAYERS = (3, 4)  # of 8, as real runs hook middle layers
 SEQ, BATCH = 128, 8
@@ -52,15 +56,16 @@ def build_model(device: str) -> torch.nn.Module:
     return Qwen2ForCausalLM(cfg).eval().to(device)
 
 
-def build_dictionary(model, layer: int, rows, expansion: int = 16) -> SparseDictionary:
+def build_dictionary(
+    model, layer: int, rows, site: str = "resid_post", expansion: int = 16
+) -> SparseDictionary:
     """A random JumpReLU dictionary whose thresholds give about 64 active latents per token."""
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(layer)
     W_enc = torch.randn(d, d * expansion, generator=g) / d**0.5
     b_enc = torch.zeros(d * expansion)
-    x = capture_residuals(model, torch.tensor([rows[0].input_ids]), layers=[layer])[
-        (layer, "resid_post")
-    ]
+    ids = torch.tensor([rows[0].input_ids], device=next(model.parameters()).device)
+    x = capture_residuals(model, ids, layers=[layer], sites=site)[(layer, site)]
     pre = (x[0].cpu() @ W_enc).flatten()
     threshold = torch.full((d * expansion,), float(pre.quantile(1 - 64 / (d * expansion))))
     return SparseDictionary(
@@ -68,11 +73,9 @@ def build_dictionary(model, layer: int, rows, expansion: int = 16) -> SparseDict
         b_enc,
         torch.randn(d * expansion, d, generator=g) / d**0.5,
         torch.zeros(d),
-        activation="jumprelu",
-        threshold=threshold,
-        meta=DictionaryMeta(
-            format="bench", architecture="jumprelu", layer=layer, hook="resid_post"
-        ),
+        encoding=Encoding(activation="jumprelu"),
+        tensors={"threshold": threshold},
+        meta=DictionaryMeta(format="bench", architecture="jumprelu", layer=layer, site=site),
     ).to(next(model.parameters()).device)
 
 
@@ -133,6 +136,10 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def read_at(site: str) -> ReadSpec:
+    return ReadSpec(layers=LAYERS, site=site, positions=Positions(exclude_sinks=False))
+
+
 def measure_memory(mult: int, device: str) -> dict[str, float]:
     """Peak memory (MB) during the stats pass over ``mult`` x the base tokens, in this process:
     the peak, and the peak above the memory held before the pass (model, dictionaries, data)."""
@@ -143,39 +150,30 @@ def measure_memory(mult: int, device: str) -> dict[str, float]:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
-        collect_stats(model, rows, dicts, batch_size=BATCH, exclude_sinks=False)
+        collect_stats(model, rows, dicts, read_at("resid_post"), StatsConfig(batch_size=BATCH))
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         with open("/proc/self/clear_refs", "w") as fh:  # reset the RSS high-water mark (Linux)
             fh.write("5")
         before = _status_mb("VmRSS")
-        collect_stats(model, rows, dicts, batch_size=BATCH, exclude_sinks=False)
+        collect_stats(model, rows, dicts, read_at("resid_post"), StatsConfig(batch_size=BATCH))
         peak = _status_mb("VmHWM")
     return {"peak_mb": peak, "above_setup_mb": peak - before}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batches", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--memory-only", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.memory_only:
-        print(json.dumps(measure_memory(args.memory_only, args.device)))
-        return
-    dev = args.device
-    model = build_model(dev)
-    rows = make_rows(BATCH * args.batches)
-    dicts = {L: build_dictionary(model, L, rows) for L in LAYERS}
-    points = hook_points(model, list(LAYERS), "resid_post")
+def time_site(model, rows, site: str, dev: str, repeats: int) -> tuple[dict, dict]:
+    """Median seconds of (a), (e), (b) [and (c) at resid_post] at one site, and (b)'s stats."""
+    dicts = {L: build_dictionary(model, L, rows, site) for L in LAYERS}
+    points = hook_points(model, list(LAYERS), site)
     batches = [rows[s : s + BATCH] for s in range(0, len(rows), BATCH)]
     tensors = [torch.tensor([r.input_ids for r in b], device=dev) for b in batches]
     masks = [torch.tensor([r.mask() for r in b], device=dev) for b in batches]
     selected = []  # the activations (e) encodes: captured once, outside the timings
     for ids, m in zip(tensors, masks, strict=True):
-        cap = capture_residuals(model, ids, layers=list(LAYERS))
-        selected.append({L: cap[(L, "resid_post")][m] for L in LAYERS})
+        cap = capture_residuals(model, ids, layers=list(LAYERS), sites=site)
+        selected.append({L: cap[(L, site)][m] for L in LAYERS})
+    read, cfg = read_at(site), StatsConfig(batch_size=BATCH, residual=False)
+    out: dict = {}
 
     def a():
         with torch.no_grad(), residual_hooks(model, points, lambda *_: None):
@@ -189,29 +187,47 @@ def main() -> None:
                     d.encode(sel[L])
 
     def b():
-        b.result = collect_stats(
-            model, rows, dicts, batch_size=BATCH, exclude_sinks=False, residual=False
-        )[0]
+        out["b"] = collect_stats(model, rows, dicts, read, cfg)[0]
 
     def c():
-        c.result = naive(model, rows, dicts, dev)
+        out["c"] = naive(model, rows, dicts, dev)
 
-    for f in (a, e, b, c):  # warm up
+    fns = {"a": a, "e": e, "b": b, **({"c": c} if site == "resid_post" else {})}
+    for f in fns.values():  # warm up
         f()
-    times: dict[str, list[float]] = {k: [] for k in "aebc"}
-    for _ in range(args.repeats):  # interleaved, so drift hits all four alike
-        for name, f in (("a", a), ("e", e), ("b", b), ("c", c)):
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):  # interleaved, so drift hits all alike
+        for name, f in fns.items():
             times[name].append(timed(f, dev))
-    t = {k: statistics.median(v) for k, v in times.items()}
-    for L in LAYERS:  # the two paths must agree
-        sb, sc = b.result[L], c.result[L]
-        torch.testing.assert_close(sb.sum, sc["sum"], rtol=1e-4, atol=1e-3)
-        assert torch.equal(sb.fire.cpu(), sc["fire"].cpu())
-        torch.testing.assert_close(sb.max, sc["max"], rtol=1e-5, atol=1e-5)
-        fired = (
-            sb.fire > 0
-        )  # never-active features hold -inf in the top-k store, 0 in the naive one
-        torch.testing.assert_close(sb.top_val[fired, 0], sc["top"][0][fired], rtol=1e-5, atol=1e-5)
+    if "c" in out:
+        for L in LAYERS:  # the two paths must agree
+            sb, sc = out["b"][L], out["c"][L]
+            torch.testing.assert_close(sb.sum, sc["sum"], rtol=1e-4, atol=1e-3)
+            assert torch.equal(sb.fire.cpu(), sc["fire"].cpu())
+            torch.testing.assert_close(sb.max, sc["max"], rtol=1e-5, atol=1e-5)
+            fired = sb.fire > 0  # never-active features: -inf in the top-k store, 0 naive
+            torch.testing.assert_close(
+                sb.top_val[fired, 0], sc["top"][0][fired], rtol=1e-5, atol=1e-5
+            )
+    return {k: statistics.median(v) for k, v in times.items()}, {"times": times, **out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sites", default="resid_post,mlp_out,resid_mid")
+    ap.add_argument("--memory-only", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_only:
+        print(json.dumps(measure_memory(args.memory_only, args.device)))
+        return
+    dev = args.device
+    model = build_model(dev)
+    rows = make_rows(BATCH * args.batches)
+    sites = args.sites.split(",")
+    per_site = {site: time_site(model, rows, site, dev, args.repeats) for site in sites}
     mem, above = {}, {}
     for mult in (1, 4, 16):
         res = subprocess.run(
@@ -222,28 +238,37 @@ def main() -> None:
         )
         m = json.loads(res.stdout.strip().splitlines()[-1])
         mem[f"{mult}x"], above[f"{mult}x"] = round(m["peak_mb"], 1), round(m["above_setup_mb"], 1)
-    n_tokens = sum(int(m.sum()) for m in masks)
-    l0 = float(b.result[LAYERS[0]].fire.sum() / b.result[LAYERS[0]].n_tokens)
+    n_tokens = sum(sum(r.mask()) for r in rows)
+    first = per_site[sites[0]][1]["b"][LAYERS[0]]
+    l0 = float(first.fire.sum() / first.n_tokens)
     print(f"tokens selected per pass: {n_tokens} ({len(rows)} sequences x {SEQ}); L0 ~ {l0:.0f}")
-    for k, label in (
-        ("a", "forward to last hooked layer"),
-        ("e", "bare encode"),
-        ("b", "emdiff stats pass"),
-        ("c", "naive path"),
-    ):
-        print(
-            f"({k}) {label:<30} {t[k] * 1000:8.1f} ms  (runs: {[round(x * 1000) for x in times[k]]})"
-        )
+    labels = {
+        "a": "forward to last hook point",
+        "e": "bare encode",
+        "b": "emdiff stats pass",
+        "c": "naive path",
+    }
+    ratios = {}
+    for site, (t, extra) in per_site.items():
+        ratios[site] = round(t["b"] / (t["a"] + t["e"]), 3)
+        print(f"site {site}: stats_over_floor {ratios[site]}")
+        for k, v in t.items():
+            runs = [round(x * 1000) for x in extra["times"][k]]
+            print(f"  ({k}) {labels[k]:<28} {v * 1000:8.1f} ms  (runs: {runs})")
     print(f"peak memory during the stats pass: {mem}; above the setup: {above}")
+    t = per_site.get("resid_post", next(iter(per_site.values())))[0]
     result = {
         "device": dev,
         "threads": torch.get_num_threads(),
         "tokens": n_tokens,
-        "stats_over_floor": round(t["b"] / (t["a"] + t["e"]), 3),
-        "naive_over_stats": round(t["c"] / t["b"], 3),
+        "stats_over_floor": max(ratios.values()),
+        "stats_over_floor_by_site": ratios,
+        "naive_over_stats": round(t["c"] / t["b"], 3) if "c" in t else None,
         "peak_mem_mb": mem,
         "peak_mem_above_setup_mb": above,
-        "ms": {k: round(v * 1000, 1) for k, v in t.items()},
+        "ms": {
+            s: {k: round(v * 1000, 1) for k, v in ts.items()} for s, (ts, _) in per_site.items()
+        },
     }
     print(json.dumps(result))
 

@@ -39,7 +39,20 @@ Layer = Annotated[
 Out = Annotated[Path, typer.Option(help="Run folder for tables, plots and statistics.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
 Top = Annotated[int, typer.Option(min=1, help="Rows of the ranking to print.")]
-Site = Annotated[str, typer.Option(help="resid_post or resid_pre.")]
+Site = Annotated[
+    str | None,
+    typer.Option(
+        help="Hook site: resid_pre, attn_out, resid_mid, mlp_out or resid_post "
+        "(default: the site the dictionary records)."
+    ),
+]
+Positions = Annotated[
+    str,
+    typer.Option(
+        help="Token positions: answer, answer_predicting, all, answer_first:K, answer_after:K; "
+        "append ,sinks to keep attention sinks."
+    ),
+]
 
 
 def default_of(model: type, field: str):

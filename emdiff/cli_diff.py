@@ -23,6 +23,7 @@ from emdiff.cli_common import (
     Layer,
     Model,
     Out,
+    Positions,
     Site,
     Top,
     check_adapter,
@@ -36,10 +37,9 @@ from emdiff.cli_common import (
     value_errors,
 )
 from emdiff.cli_diff_io import (
-    check_model_options,
-    collect_kwargs,
+    ReadOptions,
     encode_chats,
-    load_for_diff,
+    load_context,
     read_chats,
     read_judged,
     read_ranking,
@@ -89,7 +89,8 @@ def datasets(
     test: Annotated[str | None, typer.Option(help=f"{UNPAIRED} or, paired, {PAIRED}.")] = None,
     label_a: str = "a",
     label_b: str = "b",
-    site: Site = "resid_post",
+    site: Site = None,
+    positions: Positions = "answer",
     batch_size: BatchSize = 8,
     dtype: Dtype = "auto",
     device: Device = "cpu",
@@ -109,28 +110,32 @@ def datasets(
         --dictionary ./sae-layer12 --a bad_medical.jsonl \\
         --b good_medical.jsonl --paired --out runs/q1
     """
-    from emdiff.analyses import dataset_diff
+    from emdiff.analyses import DatasetDiff
 
     _check_test(test, paired)
-    check_model_options(model, adapter, dictionary, dtype, device, site)
+    opts = ReadOptions(
+        model, adapter, dictionary, layer, site, positions, batch_size, dtype, device
+    )
+    opts.check()
+    check_labels(label_a, label_b)
+    analysis = config(
+        DatasetDiff,
+        a=label_a,
+        b=label_b,
+        paired=paired,
+        test=test,
+        adapter=False if base_only else None,
+    )
     conv_a, conv_b = read_chats("--a", a), read_chats("--b", b)
     check_out(out)
     with value_errors():
-        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device, site)
-        res = dataset_diff(
-            lm.model,
-            {layer: d},
-            encode_chats(lm.tokenizer, conv_a),
-            encode_chats(lm.tokenizer, conv_b),
-            paired=paired,
-            test=test,
-            adapter=False if base_only else None,
-            labels=(label_a, label_b),
-            out=out,
-            progress=True,
-            **collect_kwargs(lm, site, batch_size),
-        )
-    report_ranking(res, out, "dataset_diff", f"Q1: {label_a} vs {label_b}", top, as_json)
+        ctx = load_context(opts, out)
+        ctx.datasets = {
+            label_a: encode_chats(ctx.tokenizer, conv_a),
+            label_b: encode_chats(ctx.tokenizer, conv_b),
+        }
+        res = analysis.run(ctx)
+    report_ranking(res, out, top, as_json)
 
 
 @diff_app.command("models")
@@ -145,7 +150,8 @@ def models(
     ] = None,
     layer: Layer = None,
     test: Annotated[str, typer.Option(help=f"One of {PAIRED}.")] = "paired_t",
-    site: Site = "resid_post",
+    site: Site = None,
+    positions: Positions = "answer",
     batch_size: BatchSize = 8,
     dtype: Dtype = "auto",
     device: Device = "cpu",
@@ -164,12 +170,15 @@ def models(
         --adapter ./bad-medical-lora --dictionary ./sae-layer12 \\
         --responses runs/eval/judged.csv --out runs/q2
     """
-    from emdiff.analyses import encode_qa, model_diff
+    from emdiff.analyses import ModelDiff, encode_qa
 
     _check_test(test, True)
     if (data is None) == (responses is None):
         fail("pass exactly one of --data (chat JSONL) or --responses (question/answer table)")
-    check_model_options(model, adapter, dictionary, dtype, device, site)
+    opts = ReadOptions(
+        model, adapter, dictionary, layer, site, positions, batch_size, dtype, device
+    )
+    opts.check()
     if data is not None:
         conversations, name = read_chats("--data", data), data.stem
     else:
@@ -179,22 +188,14 @@ def models(
         )
     check_out(out)
     with value_errors():
-        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device, site)
+        ctx = load_context(opts, out)
         if data is not None:
-            rows = encode_chats(lm.tokenizer, conversations)
+            rows = encode_chats(ctx.tokenizer, conversations)
         else:
-            rows = encode_qa(lm.tokenizer, df["question"], df["answer"])
-        res = model_diff(
-            lm.model,
-            {layer: d},
-            rows,
-            test=test,
-            dataset=name,
-            out=out,
-            progress=True,
-            **collect_kwargs(lm, site, batch_size),
-        )
-    report_ranking(res, out, "model_diff", "Q2: fine-tuned vs base", top, as_json)
+            rows = encode_qa(ctx.tokenizer, df["question"], df["answer"])
+        ctx.datasets = {name: rows}
+        res = ModelDiff(dataset=name, test=test).run(ctx)
+    report_ranking(res, out, top, as_json)
 
 
 @diff_app.command("responses")
@@ -211,7 +212,8 @@ def responses_cmd(
     balance: Annotated[bool, typer.Option(help="Subsample to equal sizes.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the balancing subsample.")] = 0,
     test: Annotated[str, typer.Option(help=f"One of {UNPAIRED}.")] = "welch",
-    site: Site = "resid_post",
+    site: Site = None,
+    positions: Positions = "answer",
     batch_size: BatchSize = 8,
     dtype: Dtype = "auto",
     device: Device = "cpu",
@@ -231,10 +233,13 @@ def responses_cmd(
         --adapter ./bad-medical-lora --dictionary ./sae-layer12 \\
         --judged runs/eval/judged.csv --out runs/q3
     """
-    from emdiff.analyses import ResponseSplit, response_diff
+    from emdiff.analyses import ResponseDiff, ResponseSplit
 
     _check_test(test, False)
-    check_model_options(model, adapter, dictionary, dtype, device, site)
+    opts = ReadOptions(
+        model, adapter, dictionary, layer, site, positions, batch_size, dtype, device
+    )
+    opts.check()
     df = read_judged("--judged", judged)
     split = config(
         ResponseSplit,
@@ -246,19 +251,10 @@ def responses_cmd(
     )
     check_out(out)
     with value_errors():
-        lm, d, layer = load_for_diff(model, adapter, dictionary, layer, dtype, device, site)
-        res = response_diff(
-            lm.model,
-            lm.tokenizer,
-            {layer: d},
-            df,
-            split=split,
-            test=test,
-            out=out,
-            progress=True,
-            **collect_kwargs(lm, site, batch_size),
-        )
-    report_ranking(res, out, "response_diff", "Q3: misaligned vs aligned answers", top, as_json)
+        ctx = load_context(opts, out)
+        ctx.tables = {"judged": df}
+        res = ResponseDiff(split=split, test=test).run(ctx)
+    report_ranking(res, out, top, as_json)
 
 
 @diff_app.command("overlap")
@@ -287,38 +283,33 @@ def overlap_cmd(
         --b runs/q2/tables/model_diff.parquet --label-a q1 --label-b q2 \\
         --out runs/overlap
     """
-    from emdiff.analyses import overlap
-    from emdiff.report.plots import overlap_plot
+    from emdiff.analyses import RankingOverlap, RunContext
 
     check_choice("--direction", direction, ("increase", "decrease"))
     k_list = parse_ks("--ks", ks)
     check_labels(label_a, label_b)
-    table_a, table_b = read_ranking("--a", a), read_ranking("--b", b)
+    analysis = config(
+        RankingOverlap,
+        a=label_a,
+        b=label_b,
+        ks=tuple(k_list),
+        top=top,
+        table_k=table_k,
+        direction=direction,
+    )
+    tables = {label_a: read_ranking("--a", a), label_b: read_ranking("--b", b)}
     check_out(out)
     with value_errors():
-        res = overlap(
-            table_a,
-            table_b,
-            ks=k_list,
-            top=top,
-            table_k=table_k,
-            direction=direction,
-            labels=(label_a, label_b),
-        )
-    name = f"overlap_{label_a}_{label_b}"
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    res.table.to_parquet(out / "tables" / f"{name}.parquet")
-    res.jaccard.to_parquet(out / "tables" / f"{name}_jaccard.parquet")
+        res = analysis.run(RunContext(tables=tables))
+    table_path, _, _, plot = res.save(out)
     summary = res.summary()
-    (out / "tables" / f"{name}.json").write_text(json.dumps(summary, indent=2))
-    plot = overlap_plot(res, out / "plots" / f"{name}.png", title=f"{label_a} vs {label_b}")
     typer.echo(res.jaccard.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     typer.echo(
         f"Spearman {res.spearman:.3f} (p {res.spearman_p:.2g}), Kendall {res.kendall:.3f} "
         f"(p {res.kendall_p:.2g}) on {res.n_union} features"
     )
     typer.echo(res.table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    typer.echo(f"table: {out / 'tables' / f'{name}.parquet'}\nfigure: {plot}")
+    typer.echo(f"table: {table_path}\nfigure: {plot}")
     if as_json:
         typer.echo(json.dumps(summary))
 
@@ -335,7 +326,8 @@ def transfer_cmd(
         list[str] | None, typer.Option(help="Other model(s) of the same width, e.g. the chat one.")
     ] = None,
     layer: Layer = None,
-    site: Site = "resid_post",
+    site: Site = None,
+    positions: Positions = "answer",
     batch_size: BatchSize = 8,
     dtype: Dtype = "auto",
     device: Device = "cpu",
@@ -352,43 +344,38 @@ def transfer_cmd(
       emdiff transfer --model google/gemma-2-2b --other google/gemma-2-2b-it \\
         --dictionary ./gemma-scope-l12 --data chats.jsonl --out runs/transfer
     """
+    from dataclasses import replace
+
     import pandas as pd
 
-    from emdiff.analyses import transfer
-    from emdiff.report.plots import transfer_plot
+    from emdiff.analyses import Transfer, TransferResult
 
-    check_model_options(model, None, dictionary, dtype, device, site)
+    opts = ReadOptions(model, None, dictionary, layer, site, positions, batch_size, dtype, device)
+    opts.check()
     for a in adapter or []:
         check_adapter("--adapter", a)
     for m in other or []:
         check_model("--other", m)
     conversations = read_chats("--data", data)
     check_out(out)
-    variants = [("base", model, None)]
-    variants += [(f"adapter:{Path(a).name}", model, a) for a in adapter or []]
-    variants += [(f"model:{Path(m).name}", m, None) for m in other or []]
+    variants = [("base", opts)]
+    variants += [(f"adapter:{Path(a).name}", replace(opts, adapter=a)) for a in adapter or []]
+    variants += [(f"model:{Path(m).name}", replace(opts, model=m)) for m in other or []]
     frames = []
     with value_errors():
-        for name, path, ad in variants:
-            lm, d, layer_ = load_for_diff(path, ad, dictionary, layer, dtype, device, site)
-            rows = encode_chats(lm.tokenizer, conversations)
-            frames.append(
-                transfer(
-                    d,
-                    {name: lm.model},
-                    rows,
-                    layer_,
-                    progress=True,
-                    **collect_kwargs(lm, site, batch_size),
-                )
-            )
-            del lm
-    table = pd.concat(frames, ignore_index=True)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out / "tables" / "transfer.parquet")
-    plot = transfer_plot(table, out / "plots" / "transfer.png", title=f"{dictionary.name}")
+        for name, variant_opts in variants:  # one model in memory at a time
+            ctx = load_context(variant_opts)
+            ctx.datasets = {"data": encode_chats(ctx.tokenizer, conversations)}
+            ctx.variants = {name: ctx.model}
+            res = Transfer(dataset="data").run(ctx)
+            frames.append(res.table)
+            del ctx
+    res = TransferResult("transfer", pd.concat(frames, ignore_index=True), res.meta)
+    res.meta.update(variants=[n for n, _ in variants], title=str(dictionary.name))
+    table_path, _, plot = res.save(out)
+    table = res.table
     cols = ["variant", "fve", "l0", "dead_fraction", "ce_clean", "ce_delta", "kl", "n_tokens"]
     typer.echo(table[cols].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    typer.echo(f"table: {out / 'tables' / 'transfer.parquet'}\nfigure: {plot}")
+    typer.echo(f"table: {table_path}\nfigure: {plot}")
     if as_json:
         typer.echo(json.dumps(table.to_dict(orient="records")))

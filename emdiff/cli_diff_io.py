@@ -5,6 +5,7 @@ model-reading command shares, checked before anything is loaded, and the loading
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -22,57 +23,91 @@ from emdiff.cli_common import (
 
 
 # ---- reading and loading for the feature diffs ------------------------------------------------
-def check_model_options(
-    model: str, adapter: str | None, dictionary: Path, dtype: str, device: str, site: str
-):
-    """The options every model-reading command shares, checked before anything is loaded."""
-    from emdiff.models.hooks import SITES
+@dataclass
+class ReadOptions:
+    """The options every model-reading command shares: what to load and where to read."""
 
-    check_model("--model", model)
-    check_adapter("--adapter", adapter)
-    check_exists("--dictionary", dictionary)
-    check_dtype(dtype)
-    check_device(device)
-    check_choice("--site", site, SITES)
+    model: str
+    adapter: str | None
+    dictionary: Path
+    layer: int | None
+    site: str | None
+    positions: str
+    batch_size: int
+    dtype: str
+    device: str
 
-
-def load_for_diff(
-    model: str,
-    adapter: str | None,
-    dictionary: Path,
-    layer: int | None,
-    dtype: str,
-    device: str,
-    site: str | None = None,
-):
-    """Load the dictionary, resolve the layer, then load the model; check that they fit (width,
-    layer and site the dictionary records) with messages naming the options."""
-    from emdiff.dictionaries import load_dictionary
-    from emdiff.models import check_layer, load_model
-
-    d = load_dictionary(dictionary)
-    m = d.meta
-    if site is not None and m.hook is not None and site not in m.hook and m.hook not in site:
+    def check(self) -> None:
+        """Refuse bad options before anything is loaded."""
         from emdiff.models.hooks import SITES
 
-        fix = f"pass --site {m.hook}" if m.hook in SITES else "use a residual-stream dictionary"
-        fail(f"--site {site}: {dictionary} was trained on {m.hook}; {fix}")
-    given, layer = layer, m.layer if layer is None else layer
+        check_model("--model", self.model)
+        check_adapter("--adapter", self.adapter)
+        check_exists("--dictionary", self.dictionary)
+        check_dtype(self.dtype)
+        check_device(self.device)
+        if self.site is not None:
+            check_choice("--site", self.site, SITES)
+        self.parsed_positions()
+
+    def parsed_positions(self):
+        from emdiff.data.positions import Positions
+        from emdiff.errors import InputError
+
+        try:
+            return Positions.parse(self.positions)
+        except InputError as e:
+            fail(f"--positions {self.positions}: {e}")
+
+
+def _where(opts: ReadOptions, d) -> tuple[int, str]:
+    """Layer and site: the dictionary's own, unless an option names them; a clash is refused."""
+    m, name = d.meta, opts.dictionary
+    own = f"{m.hook}" if m.hook else f"layer {m.layer} {m.site}"
+    if m.site is None and m.hook is not None:
+        fail(
+            f"--dictionary {name}: reads {m.hook}, which emdiff cannot read (it reads resid_pre, "
+            "attn_out, resid_mid, mlp_out and resid_post)"
+        )
+    if opts.site is not None and m.site is not None and opts.site != m.site:
+        fail(f"--site {opts.site}: {name} was trained at {m.site} ({own}); drop --site")
+    if opts.layer is not None and m.layer is not None and opts.layer != m.layer:
+        fail(f"--layer {opts.layer}: {name} was trained on layer {m.layer} ({own}); drop --layer")
+    layer, site = m.layer if opts.layer is None else opts.layer, opts.site or m.site
     if layer is None:
-        fail(f"--dictionary {dictionary}: does not record its layer; pass --layer")
-    lm = load_model(model, adapter, dtype=dtype, device=device)
+        fail(f"--dictionary {name}: does not record its layer; pass --layer")
+    if site is None:
+        fail(f"--dictionary {name}: does not record its hook site; pass --site")
+    return layer, site
+
+
+def load_context(opts: ReadOptions, out: Path | None = None):
+    """Load the dictionary, resolve layer and site from it, load the model, check that they fit,
+    and return the run context the analyses read (the command adds datasets and tables)."""
+    from emdiff.analyses import RunContext
+    from emdiff.dictionaries import load_dictionary
+    from emdiff.models import check_layer, load_model
+    from emdiff.models.read import ReadSpec
+    from emdiff.stats.collect import StatsConfig
+
+    d = load_dictionary(opts.dictionary)
+    layer, site = _where(opts, d)
+    name = opts.model
+    lm = load_model(name, opts.adapter, dtype=opts.dtype, device=opts.device)
     if d.d_in != lm.d_model:
         fail(
-            f"--dictionary {dictionary}: width d_in={d.d_in}, but {model} has d_model="
+            f"--dictionary {opts.dictionary}: width d_in={d.d_in}, but {name} has d_model="
             f"{lm.d_model}; use a dictionary trained on this model"
         )
     layer = check_layer(lm.model, layer)
-    if m.layer is not None and layer != m.layer:
-        fail(
-            f"--layer {given}: {dictionary} was trained on layer {m.layer} ({m.hook}); "
-            f"drop --layer or pass --layer {m.layer}"
-        )
-    return lm, d, layer
+    read = ReadSpec(
+        layers=(layer,),
+        site=site,
+        positions=opts.parsed_positions(),
+        dictionary=str(opts.dictionary),
+    )
+    stats_cfg = StatsConfig(batch_size=opts.batch_size, progress=True)
+    return RunContext(read, lm.model, lm.tokenizer, {layer: d}, out=out, stats_cfg=stats_cfg)
 
 
 def read_chats(option: str, path: Path):
@@ -104,13 +139,6 @@ def read_judged(option: str, path: Path, **kwargs):
         fail(e if str(path) in str(e) else f"{option} {path}: {e}")
 
 
-def collect_kwargs(lm, site: str, batch_size: int) -> dict:
-    """The statistics-collection keywords every diff passes: token ids, site, batch size."""
-    from emdiff.analyses.common import token_ids
-
-    return dict(token_ids(lm.tokenizer), site=site, batch_size=batch_size)
-
-
 def read_ranking(option: str, path: Path):
     """A ranking table that an earlier diff wrote (``tables/*.parquet``)."""
     import pandas as pd
@@ -122,13 +150,12 @@ def read_ranking(option: str, path: Path):
         fail(f"{option} {path}: not a parquet table ({e})")
 
 
-def report_ranking(res, out: Path, name: str, title: str, top: int, as_json: bool) -> None:
-    """Save a diff's table and volcano plot under ``out`` and print the top of the ranking."""
-    from emdiff.report.plots import volcano_plot
+def report_ranking(res, out: Path, top: int, as_json: bool) -> None:
+    """Save a diff's tables and volcano plot under ``out`` and print the top of the ranking."""
     from emdiff.stats.compare import ranked
 
-    path = res.save(out, name)
-    plot = volcano_plot(res.table, out / "plots" / f"{name}.png", title=title)
+    path, _, plot = res.save(out)
+    typer.echo(f"read: {_describe(res.meta['read'])}")
     cols = [
         "layer",
         "feature",
@@ -155,5 +182,11 @@ def report_ranking(res, out: Path, name: str, title: str, top: int, as_json: boo
     typer.echo(f"table: {path}\nfigure: {plot}")
     if as_json:
         typer.echo(
-            json.dumps({**res.meta, "table": str(path), "n_significant": n_sig}, default=str)
+            json.dumps({**res.summary(), "table": str(path), "plot": str(plot)}, default=str)
         )
+
+
+def _describe(read: dict) -> str:
+    from emdiff.models.read import ReadSpec
+
+    return ReadSpec.model_validate(read).describe()

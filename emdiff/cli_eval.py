@@ -171,7 +171,7 @@ def run(
         --judge-model gpt-4o --out runs/eval
     """
     from emdiff.eval.judge import JudgeError
-    from emdiff.eval.run import evaluate, format_metrics, load_question_files
+    from emdiff.eval.run import EvalConfig, evaluate, format_metrics, load_question_files
 
     check_choice("--ci", ci, ("wilson", "bootstrap"))
     check_choice("--judge", judge, ("openai", "hf", "toy"))
@@ -221,20 +221,16 @@ def run(
     check_out(out)
     with value_errors():
         try:
-            m = evaluate(
-                model,
-                qs,
-                out,
-                adapter=adapter,
+            cfg = EvalConfig(
                 sampling=sampling,
                 judge=judge_cfg,
-                dtype=dtype,
-                device=device,
                 aligned_below=aligned_below,
                 coherent_above=coherent_above,
                 ci=ci,
-                echo=typer.echo,
+                dtype=dtype,
+                device=device,
             )
+            m = evaluate(model, qs, out, cfg, adapter=adapter, echo=typer.echo)
         except JudgeError as e:  # the judge failed; its judgements so far are cached
             fail(e)
     typer.echo(format_metrics(m))

@@ -122,25 +122,24 @@ def _print_dictionaries(gt: dict, echo) -> None:
 
 
 def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
-    """Q1, Q2 (narrow and control), Q3, overlap and transfer with the seed-0 SAE (seed 0)."""
+    """Q1, Q2 (narrow and control), Q3, overlap and transfer with the seed-0 SAE (seed 0), read
+    where the SAE was trained (its own layer and site), on answer tokens with sinks kept."""
+    from emdiff.data.positions import Positions
     from emdiff.dictionaries import load_dictionary
-    from emdiff.toy.diffs import toy_diffs
+    from emdiff.models.read import ReadSpec
+    from emdiff.toy.diffs import ToyModels, toy_diffs
 
     sae = load_dictionary(out / "dictionaries" / "sae")
-    latent = gt["sae_persona_latent"]
-    res = toy_diffs(
-        world,
-        base,
-        tok,
-        sae,
-        gt["persona_layer"],
-        latent,
-        models["narrow"],
-        models["control"],
-        judged,
-        out=out,
-        direction=torch.tensor(gt["persona_direction"]),
+    read = ReadSpec(
+        layers=(sae.meta.layer,),
+        site=sae.meta.site,
+        positions=Positions(exclude_sinks=False),
+        dictionary=str(out / "dictionaries" / "sae"),
     )
+    toy = ToyModels(base, tok, models["narrow"], models["control"], judged)
+    direction = torch.tensor(gt["persona_direction"])
+    res = toy_diffs(world, toy, sae, read, gt["sae_persona_latent"], out=out, direction=direction)
+    res["read"] = read.describe()
     (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
     return res
 

@@ -17,19 +17,25 @@ import torch
 from typer.testing import CliRunner
 
 from emdiff.analyses import (
+    ANALYSES,
+    DatasetDiff,
+    ModelDiff,
+    RankingOverlap,
+    ResponseDiff,
     ResponseSplit,
-    dataset_diff,
+    RunContext,
+    Transfer,
     encode_qa,
-    model_diff,
     overlap,
-    response_diff,
     split_responses,
-    transfer,
 )
 from emdiff.cli import app
+from emdiff.data.positions import Positions
 from emdiff.dictionaries import load_dictionary
 from emdiff.dictionaries.activations import collect_activations
+from emdiff.errors import InputError
 from emdiff.models import load_model
+from emdiff.models.read import ReadSpec
 
 LAYER = 1
 BAD = [
@@ -80,15 +86,11 @@ def setup(tiny_model_dirs, make_lora_adapter, tmp_path_factory):
     model_dir = tiny_model_dirs["qwen2"]
     adapter = make_lora_adapter(model_dir, tmp / "lora", b_std=0.2)
     lm = load_model(str(model_dir), adapter=str(adapter), dtype="float32")
-    kw = dict(
-        bos_token_id=lm.tokenizer.bos_token_id,
-        pad_token_id=lm.tokenizer.pad_token_id,
-        exclude_sinks=False,
-    )
+    read = ReadSpec(layers=(LAYER,), positions=Positions(exclude_sinks=False))
     rows_a = encode_qa(lm.tokenizer, *zip(*BAD_QA, strict=True))
     rows_b = encode_qa(lm.tokenizer, *zip(*GOOD_QA, strict=True))
-    pa, _ = collect_activations(lm.model, rows_a, LAYER, paired=True, **kw)
-    pb, _ = collect_activations(lm.model, rows_b, LAYER, paired=True, **kw)
+    pa, _ = collect_activations(lm.model, rows_a, read, other="adapter")
+    pb, _ = collect_activations(lm.model, rows_b, read, other="adapter")
     base_a, base_b = pa[:, 0], pb[:, 0]
     u = base_a.mean(0) - base_b.mean(0)
     u = u / u.norm()
@@ -118,7 +120,7 @@ def setup(tiny_model_dirs, make_lora_adapter, tmp_path_factory):
     )
     return dict(
         lm=lm,
-        kw=kw,
+        read=read,
         folder=folder,
         adapter=adapter,
         model_dir=model_dir,
@@ -128,25 +130,35 @@ def setup(tiny_model_dirs, make_lora_adapter, tmp_path_factory):
     )
 
 
+def context(setup, model=None, **inputs) -> RunContext:
+    """The run context of the tests: the tiny Qwen2 (+ LoRA) read at layer 1 through the SAE."""
+    sae = load_dictionary(setup["folder"])
+    lm = setup["lm"]
+    datasets = {"bad": setup["rows_a"], "good": setup["rows_b"]}
+    return RunContext(
+        setup["read"],
+        model or lm.model,
+        lm.tokenizer,
+        {LAYER: sae},
+        **{"datasets": datasets, **inputs},
+    )
+
+
+def test_every_analysis_is_registered_by_kind():
+    assert {"dataset_diff", "model_diff", "response_diff", "overlap", "transfer"} <= set(ANALYSES)
+    assert ANALYSES["dataset_diff"] is DatasetDiff
+
+
 def test_dataset_diff_finds_the_planted_feature_paired_and_unpaired(setup, tmp_path):
     sae = load_dictionary(setup["folder"])
-    assert (sae.meta.format, sae.meta.layer) == ("gemma_scope", LAYER)
-    lm = setup["lm"]
+    assert (sae.meta.format, sae.meta.layer, sae.meta.site) == ("gemma_scope", LAYER, "resid_post")
     for paired in (True, False):
-        res = dataset_diff(
-            lm.model,
-            {LAYER: sae},
-            setup["rows_a"],
-            setup["rows_b"],
-            paired=paired,
-            adapter=False,
-            labels=("bad", "good"),
-            out=tmp_path / str(paired),
-            **setup["kw"],
-        )
+        ctx = context(setup, out=tmp_path / str(paired))
+        res = DatasetDiff(a="bad", b="good", paired=paired, adapter=False).run(ctx)
         top = res.table.sort_values("rank_increase").iloc[0]
         assert top.feature == 0 and top.q < 1e-3 and top.effect_ci_low > 0
         assert res.meta["test"] == ("paired_t" if paired else "welch")
+        assert res.meta["read"] == setup["read"].model_dump(mode="json")
         assert res.table.n_a.iloc[0] == len(BAD_QA)
         for col in (
             "effect",
@@ -158,46 +170,60 @@ def test_dataset_diff_finds_the_planted_feature_paired_and_unpaired(setup, tmp_p
             "fire_rate_b",
         ):
             assert col in res.table
+    # the run folder records what was read, and the result saves its table, meta and figure
+    manifest = json.loads((tmp_path / "False/stats/adapter_off/bad/manifest.json").read_text())
+    assert manifest["read"]["site"] == "resid_post" and manifest["read"]["layers"] == [LAYER]
+    paths = res.save(tmp_path / "False")
+    assert [p.name for p in paths] == [
+        "dataset_diff.parquet",
+        "dataset_diff.json",
+        "dataset_diff.png",
+    ]
+    assert json.loads(paths[1].read_text())["read"]["positions"]["kind"] == "answer"
     # resumable: a rerun reads the finished shards back and gives the same table
-    again = dataset_diff(
-        lm.model,
-        {LAYER: sae},
-        setup["rows_a"],
-        setup["rows_b"],
-        paired=False,
-        adapter=False,
-        labels=("bad", "good"),
-        out=tmp_path / "False",
-        **setup["kw"],
+    again = DatasetDiff(a="bad", b="good", adapter=False).run(
+        context(setup, out=tmp_path / "False")
     )
     pd.testing.assert_frame_equal(again.table, res.table)
-    with pytest.raises(ValueError, match="same number of rows"):
-        dataset_diff(lm.model, {LAYER: sae}, setup["rows_a"], setup["rows_b"][:3], paired=True)
+    # the same folder read at other positions is refused, not silently reused
+    other = context(setup, out=tmp_path / "False")
+    other.read = setup["read"].model_copy(update={"positions": Positions.parse("all,sinks")})
+    with pytest.raises(InputError, match="another dataset, dictionary, read spec"):
+        DatasetDiff(a="bad", b="good", adapter=False).run(other)
+    short = context(setup, datasets={"bad": setup["rows_a"], "good": setup["rows_b"][:3]})
+    with pytest.raises(InputError, match="same number of rows"):
+        DatasetDiff(a="bad", b="good", paired=True).run(short)
+    with pytest.raises(InputError, match="no dataset named 'ugly'"):
+        DatasetDiff(a="bad", b="ugly").run(context(setup))
 
 
 def test_model_diff_ranks_the_adapter_shift_both_ways(setup):
-    sae = load_dictionary(setup["folder"])
-    lm = setup["lm"]
     rows = setup["rows_a"] + setup["rows_b"]
-    res = model_diff(lm.model, {LAYER: sae}, rows, **setup["kw"])
+    res = ModelDiff(dataset="all").run(context(setup, datasets={"all": rows}))
     t = res.table
     assert t.loc[t.rank_increase == 1, "feature"].item() == 1
     assert t.loc[t.rank_decrease == 1, "feature"].item() == 2
     assert t.q[1] < 1e-3 and res.meta["paired"] and (t.n_a == len(rows)).all()
     # two separate models give the same answer as toggling the adapter
     plain = load_model(str(setup["model_dir"]), dtype="float32").model
-    res2 = model_diff(plain, {LAYER: sae}, rows, finetuned=lm.model, **setup["kw"])
+    two = context(setup, plain, datasets={"all": rows}, variants={"tuned": setup["lm"].model})
+    res2 = ModelDiff(dataset="all", finetuned="tuned").run(two)
     np.testing.assert_allclose(res2.table.effect, t.effect, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="fine-tuned side"):
-        model_diff(plain, {LAYER: sae}, rows)
+    with pytest.raises(InputError, match="fine-tuned side"):
+        ModelDiff(dataset="all").run(context(setup, plain, datasets={"all": rows}))
 
 
 def test_model_diff_without_a_change_finds_nothing(setup):
-    sae = load_dictionary(setup["folder"])
     plain = load_model(str(setup["model_dir"]), dtype="float32").model
     rows = setup["rows_a"] + setup["rows_b"]
-    t = model_diff(plain, {LAYER: sae}, rows, finetuned=plain, **setup["kw"]).table
+    ctx = context(setup, plain, datasets={"all": rows}, variants={"same": plain})
+    t = ModelDiff(dataset="all", finetuned="same").run(ctx).table
     assert (t["diff"] == 0).all() and (t.q == 1).all() and (t.effect == 0).all()
+
+
+def test_an_analysis_without_a_model_names_what_is_missing(setup):
+    with pytest.raises(InputError, match="no model, read spec, dictionaries"):
+        DatasetDiff(a="bad", b="good").run(RunContext(datasets={"bad": [], "good": []}))
 
 
 def judged_table() -> pd.DataFrame:
@@ -225,9 +251,7 @@ def test_split_follows_clr_thresholds_and_balances_with_a_seed():
 
 
 def test_response_diff_finds_the_misaligned_feature(setup):
-    sae = load_dictionary(setup["folder"])
-    lm = setup["lm"]
-    res = response_diff(lm.model, lm.tokenizer, {LAYER: sae}, judged_table(), **setup["kw"])
+    res = ResponseDiff().run(context(setup, tables={"judged": judged_table()}))
     assert res.table.sort_values("rank_increase").feature.iloc[0] == 0
     assert res.meta["n_rows_a"] == res.meta["n_rows_b"] == 6
     assert (res.meta["label_a"], res.meta["kind"]) == ("misaligned", "response_diff")
@@ -242,16 +266,20 @@ def ranking(effects: np.ndarray) -> pd.DataFrame:
 
 def test_overlap_of_identical_opposite_and_mismatched_rankings():
     e = np.random.default_rng(0).normal(size=200)
-    same = overlap(ranking(e), ranking(e), ks=(5, 10), top=20, table_k=5)
+    same = overlap(
+        ranking(e), ranking(e), RankingOverlap(a="a", b="b", ks=(5, 10), top=20, table_k=5)
+    )
     assert same.jaccard.jaccard.tolist() == [1.0, 1.0] and same.spearman == pytest.approx(1.0)
     assert (same.table.status == "shared").all() and len(same.table) == 5
-    opp = overlap(ranking(e), ranking(-e), ks=(10,), top=20, labels=("q1", "q2"))
+    ctx = RunContext(tables={"q1": ranking(e), "q2": ranking(-e)})
+    opp = RankingOverlap(a="q1", b="q2", ks=(10,), top=20).run(ctx)
+    assert opp.name == "overlap_q1_q2" and opp.meta["kind"] == "overlap"
     assert opp.jaccard.jaccard.item() == 0 and opp.spearman < -0.5
     assert set(opp.table.status) == {"only_q1", "only_q2"}
     assert {"rank_q1", "rank_q2", "effect_q1", "effect_q2", "q_q1", "q_q2"} <= set(opp.table)
     assert opp.jaccard.jaccard_null.item() == pytest.approx(10 / 390)
     with pytest.raises(ValueError, match="different features"):
-        overlap(ranking(e), ranking(e[:100]))
+        overlap(ranking(e), ranking(e[:100]), RankingOverlap(a="a", b="b"))
 
 
 def test_overlap_ignores_features_that_did_not_move():
@@ -260,18 +288,15 @@ def test_overlap_ignores_features_that_did_not_move():
     a, b = np.zeros(1000), np.zeros(1000)
     a[rng.choice(1000, 5, replace=False)] = rng.random(5) + 0.1
     b[rng.choice(1000, 5, replace=False)] = rng.random(5) + 0.1
-    res = overlap(ranking(a), ranking(b), ks=(10, 100))
+    res = overlap(ranking(a), ranking(b), RankingOverlap(a="a", b="b", ks=(10, 100)))
     assert res.jaccard.n_a.tolist() == [5, 5] and res.n_union <= 10
     assert res.jaccard.jaccard.max() <= 0.25
 
 
 def test_transfer_separates_a_perfect_and_a_random_dictionary(setup):
     lm = setup["lm"]
-    sae = load_dictionary(setup["folder"])
-    rows = setup["rows_a"]
-    t = transfer(
-        sae, {"base": (lm.model, False), "tuned": (lm.model, True)}, rows, LAYER, **setup["kw"]
-    )
+    variants = {"base": (lm.model, False), "tuned": (lm.model, True)}
+    t = Transfer(dataset="bad").run(context(setup, variants=variants)).table
     assert t.variant.tolist() == ["base", "tuned"] and (t.fve < 0.9).all()
     assert (t.ce_delta.abs() > 0).all() and (t.kl >= 0).all()
     d = lm.d_model
@@ -285,7 +310,9 @@ def test_transfer_separates_a_perfect_and_a_random_dictionary(setup):
         torch.zeros(d),
         meta=DictionaryMeta(format="test", architecture="relu"),
     )
-    t = transfer(perfect, {"tuned": (lm.model, True)}, rows, LAYER, **setup["kw"])
+    ctx = context(setup, variants=variants)
+    ctx.dictionaries = {LAYER: perfect}
+    t = Transfer(dataset="bad", variants=("tuned",)).run(ctx).table
     assert t.fve.item() == pytest.approx(1.0, abs=1e-5)
     assert abs(t.ce_delta.item()) < 1e-4 and t.kl.item() < 1e-5
 
@@ -397,3 +424,54 @@ def test_cli_runs_q1_q2_q3_overlap_and_transfer_on_files(setup, tmp_path):
         ],
     )
     assert bad.exit_code == 2 and "not an unpaired test" in bad.output
+
+
+def test_cli_reads_where_the_dictionary_was_trained_and_refuses_elsewhere(setup, tmp_path):
+    """A SAELens file with hook_name blocks.1.hook_mlp_out is read at layer 1 mlp_out; asking
+    for resid_post or another layer is refused naming both; the result records the read spec."""
+    from emdiff.dictionaries.base import DictionaryMeta
+    from emdiff.dictionaries.sae import save_saelens
+
+    sae = load_dictionary(setup["folder"])
+    sae.meta = DictionaryMeta(format="emdiff", architecture="jumprelu", layer=LAYER, site="mlp_out")
+    folder = save_saelens(sae, tmp_path / "sae-mlp")
+    assert json.loads((folder / "cfg.json").read_text())["metadata"]["hook_name"] == (
+        f"blocks.{LAYER}.hook_mlp_out"
+    )
+    with open(tmp_path / "bad.jsonl", "w") as f:
+        for c in chats(BAD_QA[:8]):
+            f.write(json.dumps({"messages": c}) + "\n")
+    with open(tmp_path / "good.jsonl", "w") as f:
+        for c in chats(GOOD_QA[:8]):
+            f.write(json.dumps({"messages": c}) + "\n")
+    args = [
+        "diff",
+        "datasets",
+        "--model",
+        str(setup["model_dir"]),
+        "--dictionary",
+        str(folder),
+        "--a",
+        str(tmp_path / "bad.jsonl"),
+        "--b",
+        str(tmp_path / "good.jsonl"),
+        "--dtype",
+        "float32",
+    ]
+    runner = CliRunner()
+    for extra, needles in (
+        (["--site", "resid_post"], ("--site resid_post: ", "trained at mlp_out")),
+        (["--layer", "0"], ("--layer 0: ", "trained on layer 1")),
+    ):
+        res = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2, res.output
+        assert all(n in res.output for n in needles), res.output
+    res = runner.invoke(
+        app, [*args, "--positions", "answer_first:2", "--out", str(tmp_path / "ok"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "read: layer 1 mlp_out, positions answer_first:2" in res.output
+    meta = json.loads((tmp_path / "ok" / "tables" / "dataset_diff.json").read_text())
+    assert meta["read"]["site"] == "mlp_out" and meta["read"]["positions"]["k"] == 2
+    manifest = json.loads((tmp_path / "ok/stats/model/a/manifest.json").read_text())
+    assert manifest["read"] == meta["read"]

@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from emdiff.analyses import ResponseSplit, load_judged, split_responses
-from emdiff.analyses.common import feature_stats
+from emdiff.analyses import ResponseSplit, RunContext, load_judged, split_responses
 from emdiff.data.chat import ChatFormatError, load_chat_jsonl
 from emdiff.data.masks import EncodedChat, encode_chat
 from emdiff.data.questions import QuestionFormatError, load_questions
@@ -34,7 +33,8 @@ from emdiff.eval.metrics import em_metrics
 from emdiff.models import load_model
 from emdiff.models.checks import ModelLoadError
 from emdiff.models.hooks import NonFiniteActivationError
-from emdiff.stats.collect import collect_stats
+from emdiff.models.read import ReadSpec
+from emdiff.stats.collect import StatsConfig, collect_stats
 from emdiff.stats.compare import compare_layers, compare_stats
 from emdiff.stats.features import FeatureStats
 
@@ -90,7 +90,7 @@ def dictionary(d_in: int) -> SparseDictionary:
 
 
 def test_nan_model_weight_names_layer_site_and_batch(llama):
-    _, model, tok, rows = llama
+    _, model, _, rows = llama
     d = dictionary(model.config.hidden_size)
     w = model.model.layers[0].mlp.down_proj.weight
     saved = w.data.clone()
@@ -98,7 +98,8 @@ def test_nan_model_weight_names_layer_site_and_batch(llama):
         with torch.no_grad():
             w[0, 0] = float("nan")
         with pytest.raises(NonFiniteActivationError) as err:
-            collect_stats(model, rows, {1: d}, batch_size=2, bos_token_id=tok.bos_token_id)
+            read = ReadSpec(layers=(1,))
+            collect_stats(model, rows, {1: d}, read, StatsConfig(batch_size=2))
     finally:
         w.data.copy_(saved)
     assert "non-finite activations at layer 1, site resid_post, batch 0 (sequences 0..1)" in str(
@@ -473,14 +474,16 @@ def test_no_answer_tokens_in_any_row(llama, tmp_path):
     _, model, _, rows = llama
     no_answers = [EncodedChat(r.input_ids, [0] * len(r.input_ids)) for r in rows]
     d = dictionary(model.config.hidden_size)
+    on_disk = RunContext(ReadSpec(layers=(1,)), model, None, {1: d}, out=tmp_path)
     with pytest.raises(
-        InputError, match="dataset 'bad': no assistant token selected in any of 3 rows"
+        InputError, match="dataset 'bad': no answer token selected in any of 3 rows"
     ):
-        feature_stats(model, no_answers, {1: d}, dataset="bad", out=tmp_path)
-    with pytest.raises(InputError, match="dataset 'bad': no assistant token selected"):
-        feature_stats(model, no_answers, {1: d}, dataset="bad")
+        on_disk.feature_stats(no_answers, "bad")
+    in_memory = RunContext(ReadSpec(layers=(1,)), model, None, {1: d})
+    with pytest.raises(InputError, match="dataset 'bad': no answer token selected"):
+        in_memory.feature_stats(no_answers, "bad")
     with pytest.raises(InputError, match="dataset 'empty' has no rows"):
-        feature_stats(model, [], {1: d}, dataset="empty")
+        in_memory.feature_stats([], "empty")
 
 
 def test_zero_sequences_on_one_side():
@@ -566,21 +569,22 @@ def test_response_split_thresholds_must_not_overlap():
 
 
 def test_overlap_of_a_table_that_is_not_a_ranking():
-    from emdiff.analyses import overlap
+    from emdiff.analyses import RankingOverlap, overlap
 
     rank = pd.DataFrame(dict(feature=[0, 1, 2], effect=[1.0, -1, 0.5], q=0.1))
     rank["rank_increase"] = [1, 3, 2]
     judged = pd.DataFrame(dict(question=["q"], answer=["a"]))
     with pytest.raises(InputError, match=r"ranking 'a' has no 'feature' column"):
-        overlap(judged, rank)  # was: KeyError traceback
+        overlap(judged, rank, RankingOverlap(a="a", b="b"))  # was: KeyError traceback
     with pytest.raises(InputError, match=r"need at least one k >= 1"):
-        overlap(rank, rank, ks=[0, -5], labels=("x", "y"))  # was: AttributeError traceback
+        overlap(rank, rank, RankingOverlap(a="x", b="y", ks=(0, -5)))  # was: AttributeError
 
 
 def test_transfer_width_mismatch_names_the_dictionary(llama, tmp_path):
-    from emdiff.analyses import transfer
+    from emdiff.analyses import RunContext, Transfer
 
     _, model, _, rows = llama
     d = load_dictionary(saelens(tmp_path / "sae"))  # width 8, the model's is 32
     with pytest.raises(InputError, match=rf"{tmp_path / 'sae'}: dictionary width d_in=8"):
-        transfer(d, {"base": model}, rows, 0)
+        ctx = RunContext(ReadSpec(layers=(0,)), model, None, {0: d}, {"data": rows})
+        Transfer(dataset="data", variants=("base",)).run(ctx)

@@ -180,7 +180,11 @@ CASES = {
     "chat line not JSON": (lambda f: datasets(f, "--a", f["file"]), "file.txt:1: invalid JSON"),
     "dtype": (lambda f: datasets(f, "--dtype", "fp8"), "--dtype fp8: use auto"),
     "device": (lambda f: datasets(f, "--device", "gpu"), "--device gpu: use cpu, cuda"),
-    "site": (lambda f: datasets(f, "--site", "mlp_out"), "--site mlp_out: use one of"),
+    "site": (lambda f: datasets(f, "--site", "hook_z"), "--site hook_z: use one of"),
+    "positions": (
+        lambda f: datasets(f, "--positions", "answer_first"),
+        "--positions answer_first: positions 'answer_first': answer_first needs k",
+    ),
     "out is a file": (
         lambda f: datasets(f, "--out", f["file"]),
         "--out {file}: exists and is not a folder",
@@ -340,7 +344,9 @@ def test_user_errors_are_one_line_before_loading(case, f):
 def test_valid_inputs_pass_the_checks_and_reach_the_loader(f, monkeypatch):
     import emdiff.dictionaries
 
-    sae = type("SAE", (), {"meta": type("Meta", (), {"layer": 0, "hook": None})()})()
+    sae = type(
+        "SAE", (), {"meta": type("Meta", (), {"layer": 0, "hook": None, "site": "resid_post"})()}
+    )()
     monkeypatch.setattr(emdiff.dictionaries, "load_dictionary", lambda path: sae)
     res = invoke(*datasets(f))
     assert isinstance(res.exception, AssertionError), res.output  # the stub loader, not a check

@@ -10,7 +10,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from emdiff.data import EncodedChat, TokenRole, encode_chat, pad_batch, render_chat
+from emdiff.data import (
+    EncodedChat,
+    TokenRole,
+    encode_chat,
+    pad_batch,
+    render_chat,
+    special_token_ids,
+)
 
 T, S, U, A = TokenRole.TEMPLATE, TokenRole.SYSTEM, TokenRole.USER, TokenRole.ASSISTANT
 Segments = list[tuple[str, TokenRole]]
@@ -323,3 +330,21 @@ def test_pad_batch_rejects_bad_input():
         pad_batch([[1]], pad_value=0, side="middle")
     with pytest.raises(ValueError, match="empty"):
         pad_batch([], pad_value=0)
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_special_flags_cover_added_special_tokens(tokenizers_by_style, style):
+    """Turn markers registered only as added special tokens still count; [UNK] does not."""
+    tok, _ = tokenizers_by_style[style]
+    want = set(tok.convert_tokens_to_ids(["<bos>", "[PAD]", *STYLES[style][1]]))
+    assert special_token_ids(tok) == want
+    enc = encode_chat(tok, CONVERSATIONS["multi_turn"], add_generation_prompt=False)
+    assert enc.special == [t in want for t in enc.input_ids]
+    assert any(enc.special) and not any(s for s, r in zip(enc.special, enc.roles, strict=True) if r)
+
+
+def test_encoded_chat_special_defaults_to_none():
+    enc = EncodedChat([1, 2], [0, 3])
+    assert enc.special is None and enc == EncodedChat(input_ids=[1, 2], roles=[0, 3])
+    with pytest.raises(ValueError, match="one per token"):
+        EncodedChat([1, 2], [0, 3], [True])

@@ -11,7 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from emdiff.dictionaries.base import DictionaryShapeError, check_fits
+from emdiff.dictionaries.base import (
+    DictionaryMeta,
+    DictionaryShapeError,
+    Encoding,
+    SparseDictionary,
+    check_fits,
+)
 from emdiff.dictionaries.formats import DictionaryFormatError, detect_format, load_dictionary
 
 D, F = 16, 48
@@ -70,7 +76,8 @@ def test_saelens_standard_v6(tmp_path):
     ref = relu((X - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     torch.testing.assert_close(d.encode(X), ref)
     torch.testing.assert_close(d(X), ref @ w["W_dec"] + w["b_dec"])
-    assert (d.meta.layer, d.meta.hook, d.meta.model_name) == (7, "resid_post", "gemma-2-9b-it")
+    assert (d.meta.layer, d.meta.site, d.meta.model_name) == (7, "resid_post", "gemma-2-9b-it")
+    assert d.meta.hook == "blocks.7.hook_resid_post"
     assert (d.d_in, d.d_sae) == (D, F) and d.decoder_rows.shape == (F, D)
 
 
@@ -152,7 +159,7 @@ def test_saelens_pre_6_flat_layout(tmp_path):
         "normalize_activations": False,
     }
     d = load_dictionary(_saelens(tmp_path / "old", cfg, w))
-    assert (d.meta.architecture, d.k, d.meta.layer, d.meta.hook) == ("topk", 4, 3, "resid_pre")
+    assert (d.meta.architecture, d.k, d.meta.layer, d.meta.site) == ("topk", 4, 3, "resid_pre")
     assert d.subtract_b_dec  # the pre-6 default
     pre = (X - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     torch.testing.assert_close(d.encode(X), relu(topk_dense(pre, 4)))
@@ -171,7 +178,7 @@ def test_gemma_scope_npz(tmp_path):
     d = load_dictionary(folder)
     pre = X @ torch.from_numpy(w["W_enc"]) + torch.from_numpy(w["b_enc"])  # no b_dec subtracted
     torch.testing.assert_close(d.encode(X), relu(pre) * (pre > torch.from_numpy(w["threshold"])))
-    assert (d.meta.layer, d.meta.hook, d.meta.model_name) == (20, "resid_post", "gemma-2-9b")
+    assert (d.meta.layer, d.meta.site, d.meta.model_name) == (20, "resid_post", "gemma-2-9b-it")
 
 
 # ---- dictionary_learning --------------------------------------------------------------------
@@ -202,7 +209,7 @@ def test_dictionary_learning_autoencoder(tmp_path):
     f = relu((X - s["bias"]) @ s["encoder.weight"].T + s["encoder.bias"])
     torch.testing.assert_close(d.encode(X), f)
     torch.testing.assert_close(d(X), f @ s["decoder.weight"].T + s["bias"])
-    assert (d.meta.layer, d.meta.hook, d.meta.model_name) == (12, "resid_post", "google/gemma-2-2b")
+    assert (d.meta.layer, d.meta.site, d.meta.model_name) == (12, "resid_post", "google/gemma-2-2b")
 
 
 def test_dictionary_learning_gated_and_jumprelu(tmp_path):
@@ -303,7 +310,7 @@ def test_sparsify_folder(tmp_path):
     acts = topk_dense(post, 7)
     torch.testing.assert_close(d.encode(X), acts)
     torch.testing.assert_close(d(X), acts @ s["W_dec"] + s["b_dec"])
-    assert (d.meta.layer, d.meta.hook, d.k) == (6, "resid_post", 7)
+    assert (d.meta.layer, d.meta.site, d.meta.hook, d.k) == (6, "resid_post", "layers.6", 7)
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -324,7 +331,39 @@ def test_fit_checks(tmp_path):
     with pytest.raises(DictionaryShapeError, match="trained on layer 7"):
         check_fits(d, D, 8)
     check_fits(d, D, 8, ignore_layer=True)
-    with pytest.raises(DictionaryShapeError, match="trained on hook 'resid_post'"):
+    with pytest.raises(
+        DictionaryShapeError, match=r"trained on layer 7 resid_post .*not layer 7 resid_pre"
+    ):
         check_fits(d, D, 7, "resid_pre")
     with pytest.raises(DictionaryShapeError, match="width 16, got width 5"):
         d.encode(torch.zeros(2, 5))
+
+
+def test_encoding_settings_and_optional_tensors():
+    w = _weights()
+    w = [w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]]
+    enc = Encoding(activation="jumprelu", subtract_b_dec=True, input_norm="scale", input_scale=2.0)
+    thr = rnd(F, scale=0.1).abs()
+    meta = DictionaryMeta(format="t", architecture="jumprelu")
+    d = SparseDictionary(*w, meta=meta, encoding=enc, tensors={"threshold": thr})
+    assert (d.activation, d.subtract_b_dec, d.input_norm, d.input_scale) == (
+        "jumprelu",
+        True,
+        "scale",
+        2.0,
+    )
+    assert d.k is None and d.b_gate is None and torch.equal(d.threshold, thr)
+    with pytest.raises(AttributeError):
+        d.k = 3  # settings are read-only views of d.encoding
+    plain = SparseDictionary(*w, meta=meta)
+    assert plain.activation == "relu" and plain.threshold is None
+    cases = [
+        ({"activation": "jumprelu"}, {}, "a jumprelu dictionary needs a threshold"),
+        ({"activation": "batchtopk"}, {}, "a batchtopk dictionary needs a threshold"),
+        ({"activation": "topk"}, {}, "a topk dictionary needs k"),
+        ({"activation": "gated"}, {"b_gate": thr}, "needs b_gate, b_mag and r_mag"),
+        ({}, {"scale": thr}, r"unknown tensor\(s\) \['scale'\]"),
+    ]
+    for kw, tensors, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            SparseDictionary(*w, meta=meta, encoding=Encoding(**kw), tensors=tensors)

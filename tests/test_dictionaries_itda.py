@@ -256,7 +256,7 @@ def test_drop_in_for_sparse_dictionary():
         [sample(100)],
         ITDAConfig(k=2, loss_threshold=0.1),
         layer=3,
-        hook="resid_post",
+        site="resid_post",
         progress=False,
     )
     assert isinstance(d, SparseDictionary)
@@ -270,7 +270,7 @@ def test_drop_in_for_sparse_dictionary():
     f = d64.encode(x.double())
     assert f.dtype == torch.float64
     torch.testing.assert_close(d64.decode(f), x.double(), atol=1e-2, rtol=0)
-    assert d.meta.layer == 3 and d.meta.hook == "resid_post"
+    assert (d.meta.layer, d.meta.site, d.meta.hook) == (3, "resid_post", "blocks.3.hook_resid_post")
 
 
 # ---- Jaccard --------------------------------------------------------------------------------
@@ -304,21 +304,20 @@ def test_jaccard_self_disjoint_and_partial():
 def test_save_load_round_trip(tmp_path):
     _, sample = _planted(seed=13)
     cfg = ITDAConfig(k=3, loss_threshold=0.1, center=True, nonnegative=True)
-    d = build_itda(
-        [sample(200)], cfg, layer=2, hook="blocks.2.hook_resid_post", model_name="m", progress=False
-    )
+    d = build_itda([sample(200)], cfg, layer=2, site="mlp_out", model_name="m", progress=False)
     save_itda(d, tmp_path / "itda")
     got = load_itda(tmp_path / "itda")
     x = sample(30)
     assert torch.equal(got.encode(x), d.encode(x))
     assert torch.equal(got.atom_keys, d.atom_keys) and torch.equal(got.b_dec, d.b_dec)
-    assert (got.k, got.nonnegative, got.meta.layer, got.meta.hook, got.meta.model_name) == (
+    assert (got.k, got.nonnegative, got.meta.layer, got.meta.site, got.meta.model_name) == (
         3,
         True,
         2,
-        "blocks.2.hook_resid_post",
+        "mlp_out",
         "m",
     )
+    assert got.meta.hook == "blocks.2.hook_mlp_out"
     assert got.config == cfg and got.meta.path == str(tmp_path / "itda")
     saved = json.loads((tmp_path / "itda" / "cfg.json").read_text())
     assert saved["format"] == "itda" and saved["n_atoms"] == d.d_sae and saved["d_in"] == 32

@@ -62,7 +62,7 @@ def test_each_architecture_recovers_planted_directions(arch, tmp_path):
     # the SAELens folder reads back through the public loader and computes the same function
     back = load_dictionary(tmp_path / arch)
     assert torch.allclose(back.encode(x[:500]), f[:500], atol=1e-5)
-    assert back.meta.layer == 3 and back.meta.hook == "resid_post"
+    assert (back.meta.layer, back.meta.site) == (3, "resid_post")
     cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     assert (tmp_path / arch / "training.png").stat().st_size > 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from emdiff.data.masks import pad_batch
+from emdiff.errors import InputError
 from emdiff.models import adapter_disabled, decoder_layers, load_model
 from emdiff.models.hooks import capture_residuals, hook_points, sink_mask
 
@@ -105,8 +106,8 @@ def test_bad_hook_points_are_clear_errors(tiny_model_dirs):
     model = load_model(str(tiny_model_dirs["llama"]), dtype="float32").model
     with pytest.raises(IndexError, match=r"valid layers are 0\.\.1"):
         hook_points(model, [5])
-    with pytest.raises(ValueError, match="unknown hook site"):
-        hook_points(model, [0], "mlp_out")
+    with pytest.raises(InputError, match="unknown hook site 'mlp_in'; use one of resid_pre, "):
+        hook_points(model, [0], "mlp_in")
     assert hook_points(model, [1, 0, -1], ("resid_post", "resid_pre")) == [
         (0, "resid_pre"),
         (0, "resid_post"),

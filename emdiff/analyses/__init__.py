@@ -1,23 +1,31 @@
-"""The analyses: Q1 dataset diff, Q2 model diff, Q3 response diff, overlap and transfer."""
+"""The analyses, each one config behind one interface (:class:`Analysis` ``.run(ctx)``): Q1
+dataset diff, Q2 model diff, Q3 response diff, ranking overlap and transfer."""
 
-from emdiff.analyses.common import DiffResult, encode_qa, feature_stats
-from emdiff.analyses.dataset_diff import dataset_diff
-from emdiff.analyses.model_diff import model_diff
-from emdiff.analyses.overlap import Overlap, overlap
-from emdiff.analyses.response_diff import ResponseSplit, load_judged, response_diff, split_responses
-from emdiff.analyses.transfer import transfer
+from emdiff.analyses.base import ANALYSES, Analysis, Result, RunContext, Variant
+from emdiff.analyses.common import DiffResult, encode_qa
+from emdiff.analyses.dataset_diff import DatasetDiff
+from emdiff.analyses.model_diff import ModelDiff
+from emdiff.analyses.overlap import Overlap, RankingOverlap, overlap
+from emdiff.analyses.response_diff import ResponseDiff, ResponseSplit, load_judged, split_responses
+from emdiff.analyses.transfer import Transfer, TransferResult
 
 __all__ = [
+    "ANALYSES",
+    "Analysis",
+    "DatasetDiff",
     "DiffResult",
+    "ModelDiff",
     "Overlap",
+    "RankingOverlap",
+    "ResponseDiff",
     "ResponseSplit",
-    "dataset_diff",
+    "Result",
+    "RunContext",
+    "Transfer",
+    "TransferResult",
+    "Variant",
     "encode_qa",
-    "feature_stats",
     "load_judged",
-    "model_diff",
     "overlap",
-    "response_diff",
     "split_responses",
-    "transfer",
 ]

@@ -7,61 +7,56 @@ can be compared *paired* (row ``i`` of ``a`` against row ``i`` of ``b``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-
-import torch
-
-from emdiff.analyses.common import DiffResult, feature_stats
-from emdiff.data.masks import EncodedChat
-from emdiff.dictionaries.base import SparseDictionary
+from emdiff.analyses.base import Analysis, RunContext
+from emdiff.analyses.common import DiffResult
+from emdiff.errors import InputError
 from emdiff.stats.compare import Test, compare_layers
 
 
-def dataset_diff(
-    model: torch.nn.Module,
-    dictionaries: Mapping[int, SparseDictionary],
-    rows_a: Sequence[EncodedChat],
-    rows_b: Sequence[EncodedChat],
-    *,
-    paired: bool = False,
-    test: Test | None = None,
-    adapter: bool | None = None,
-    labels: tuple[str, str] = ("a", "b"),
-    out: str | Path | None = None,
-    confidence: float = 0.95,
-    progress: bool = False,
-    **collect_kwargs,
-) -> DiffResult:
-    """Per-feature difference between ``rows_a`` and ``rows_b`` (a minus b) under ``model``.
+class DatasetDiff(Analysis):
+    """Per-feature difference between the datasets ``a`` and ``b`` of the context (a minus b).
 
-    ``dictionaries`` maps layer -> dictionary. ``collect_kwargs`` go to the statistics pass
-    (``roles`` — answer tokens by default —, ``bos_token_id``, ``pad_token_id``, ``site``,
-    ``batch_size``, ...). ``adapter=False`` reads with the base of a PEFT model. With ``out`` the
-    statistics are resumable on disk under ``out/stats/<variant>/<label>``.
-    """
-    if paired and len(rows_a) != len(rows_b):
-        raise ValueError(
-            f"paired datasets must have the same number of rows, got {len(rows_a)} and "
-            f"{len(rows_b)}; pass paired=False to compare them as independent samples"
+    ``adapter=False`` reads with the base of a PEFT model (the aligned model), ``True`` with the
+    adapter on, None the model as it is. ``test`` defaults to the design's (paired or Welch)."""
+
+    kind = "dataset_diff"
+    a: str
+    b: str
+    paired: bool = False
+    test: Test | None = None
+    adapter: bool | None = None
+    confidence: float = 0.95
+
+    def run(self, ctx: RunContext) -> DiffResult:
+        if self.a == self.b:
+            raise InputError(f"the two datasets need different names, got {self.a!r} twice")
+        rows_a = ctx.need("dataset", ctx.datasets, self.a)
+        rows_b = ctx.need("dataset", ctx.datasets, self.b)
+        if self.paired and len(rows_a) != len(rows_b):
+            raise InputError(
+                f"paired datasets must have the same number of rows, got {len(rows_a)} "
+                f"({self.a}) and {len(rows_b)} ({self.b}); compare them unpaired instead"
+            )
+        model = ctx.require_model(self.kind)
+        variant = model if self.adapter is None else (model, self.adapter)
+        name = {None: "model", True: "adapter_on", False: "adapter_off"}[self.adapter]
+        sa = ctx.feature_stats(rows_a, self.a, variant, name)
+        sb = ctx.feature_stats(rows_b, self.b, variant, name)
+        table = compare_layers(
+            sa,
+            sb,
+            paired=self.paired,
+            test=self.test,
+            confidence=self.confidence,
+            labels=(self.a, self.b),
         )
-    if labels[0] == labels[1]:
-        raise ValueError(f"the two datasets need different labels, got {labels}")
-    variant = {None: "model", True: "adapter_on", False: "adapter_off"}[adapter]
-    common = dict(adapter=adapter, out=out, variant=variant, progress=progress, **collect_kwargs)
-    sa = feature_stats(model, rows_a, dictionaries, dataset=labels[0], **common)
-    sb = feature_stats(model, rows_b, dictionaries, dataset=labels[1], **common)
-    table = compare_layers(sa, sb, paired=paired, test=test, confidence=confidence, labels=labels)
-    meta = dict(
-        kind="dataset_diff",
-        label_a=labels[0],
-        label_b=labels[1],
-        paired=paired,
-        test=str(table["test"].iloc[0]),
-        adapter=adapter,
-        layers=sorted(dictionaries),
-        n_rows_a=len(rows_a),
-        n_rows_b=len(rows_b),
-        confidence=confidence,
-    )
-    return DiffResult(table, sa, sb, meta)
+        meta = self.record(
+            ctx,
+            label_a=self.a,
+            label_b=self.b,
+            paired=self.paired,
+            test=str(table["test"].iloc[0]),
+            n_rows_a=len(rows_a),
+            n_rows_b=len(rows_b),
+        )
+        return DiffResult(self.stem, table, sa, sb, meta)

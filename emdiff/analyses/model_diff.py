@@ -8,68 +8,56 @@ Rank by ``rank_increase`` for latents the fine-tune switched on (persona latents
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import replace
 
-import torch
-
-from emdiff.analyses.common import DiffResult, feature_stats
-from emdiff.data.masks import EncodedChat
-from emdiff.dictionaries.base import SparseDictionary
+from emdiff.analyses.base import Analysis, RunContext
+from emdiff.analyses.common import DiffResult
+from emdiff.errors import InputError
 from emdiff.models.load import has_adapter
 from emdiff.stats.compare import Test, compare_layers
 
 
-def model_diff(
-    model: torch.nn.Module,
-    dictionaries: Mapping[int, SparseDictionary],
-    rows: Sequence[EncodedChat],
-    *,
-    finetuned: torch.nn.Module | None = None,
-    test: Test = "paired_t",
-    dataset: str = "data",
-    out: str | Path | None = None,
-    confidence: float = 0.95,
-    progress: bool = False,
-    **collect_kwargs,
-) -> DiffResult:
-    """Per-feature change fine-tuned minus base on ``rows`` (side a = fine-tuned, b = base).
+class ModelDiff(Analysis):
+    """Per-feature change fine-tuned minus base on the context's dataset ``dataset``.
 
-    Without ``finetuned``, ``model`` must carry an adapter: the base side runs with it off, the
-    fine-tuned side with it on. With ``finetuned``, ``model`` is the base as it is. Attention
-    sinks are kept unless ``exclude_sinks=True`` is passed, so both sides read the same tokens.
-    """
-    if finetuned is None and not has_adapter(model):
-        raise ValueError(
-            "model_diff needs a fine-tuned side: pass a model with a PEFT adapter, or finetuned="
+    Without ``finetuned``, the context's model must carry an adapter: the base side runs with it
+    off, the fine-tuned side with it on. With ``finetuned`` (a variant of the context), the
+    context's model as it is is the base. Attention sinks are kept whatever the read spec says:
+    they are thresholded on each model's own norms, and both sides must read the same tokens
+    (the meta records the read spec as used)."""
+
+    kind = "model_diff"
+    dataset: str
+    finetuned: str | None = None
+    test: Test = "paired_t"
+    confidence: float = 0.95
+
+    def run(self, ctx: RunContext) -> DiffResult:
+        rows = ctx.need("dataset", ctx.datasets, self.dataset)
+        model = ctx.require_model(self.kind)
+        keep = ctx.read.positions.model_copy(update={"exclude_sinks": False})
+        ctx = replace(ctx, read=ctx.read.model_copy(update={"positions": keep}))
+        if self.finetuned is None:
+            if not has_adapter(model):
+                raise InputError(
+                    "model_diff needs a fine-tuned side: a model with a PEFT adapter, or a "
+                    "fine-tuned variant in the run context"
+                )
+            base, tuned = (model, False), (model, True)
+        else:
+            base, tuned = model, ctx.need("model variant", ctx.variants, self.finetuned)
+        sb = ctx.feature_stats(rows, self.dataset, base, "base")
+        sa = ctx.feature_stats(rows, self.dataset, tuned, self.finetuned or "finetuned")
+        table = compare_layers(
+            sa,
+            sb,
+            paired=True,
+            test=self.test,
+            confidence=self.confidence,
+            same_tokens=True,
+            labels=("finetuned", "base"),
         )
-    # sink removal thresholds each model's own norms, so the two sides could keep other tokens
-    collect_kwargs.setdefault("exclude_sinks", False)
-    common = dict(out=out, dataset=dataset, progress=progress, **collect_kwargs)
-    if finetuned is None:
-        sb = feature_stats(model, rows, dictionaries, adapter=False, variant="base", **common)
-        sa = feature_stats(model, rows, dictionaries, adapter=True, variant="finetuned", **common)
-    else:
-        sb = feature_stats(model, rows, dictionaries, variant="base", **common)
-        sa = feature_stats(finetuned, rows, dictionaries, variant="finetuned", **common)
-    table = compare_layers(
-        sa,
-        sb,
-        paired=True,
-        test=test,
-        confidence=confidence,
-        same_tokens=True,
-        labels=("finetuned", "base"),
-    )
-    meta = dict(
-        kind="model_diff",
-        label_a="finetuned",
-        label_b="base",
-        paired=True,
-        test=test,
-        dataset=dataset,
-        layers=sorted(dictionaries),
-        n_rows=len(rows),
-        confidence=confidence,
-    )
-    return DiffResult(table, sa, sb, meta)
+        meta = self.record(
+            ctx, label_a="finetuned", label_b="base", paired=True, test=self.test, n_rows=len(rows)
+        )
+        return DiffResult(self.stem, table, sa, sb, meta)

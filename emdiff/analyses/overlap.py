@@ -3,14 +3,16 @@ union of the top features, and a shared/unique table with both ranks and both ef
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from scipy import stats as st
 
+from emdiff.analyses.base import Analysis, RunContext, save_meta
 from emdiff.errors import InputError, NonFiniteError
 
 
@@ -32,6 +34,27 @@ class Overlap:
     """Union of both top-``table_k`` sets: ranks, effects and q-values on each side, ``status``."""
     labels: tuple[str, str]
     direction: str
+    name: str = "overlap"
+    meta: dict = field(default_factory=dict)
+
+    def save(self, out: str | Path) -> list[Path]:
+        """``tables/<name>.parquet`` (shared/unique), ``tables/<name>_jaccard.parquet``,
+        ``tables/<name>.json`` (meta and summary) and ``plots/<name>.png``."""
+        from emdiff.report.plots import overlap_plot
+
+        tables = Path(out) / "tables"
+        tables.mkdir(parents=True, exist_ok=True)
+        self.table.to_parquet(tables / f"{self.name}.parquet")
+        self.jaccard.to_parquet(tables / f"{self.name}_jaccard.parquet")
+        meta = save_meta({**self.meta, **self.summary()}, tables / f"{self.name}.json")
+        title = f"{self.labels[0]} vs {self.labels[1]}"
+        plot = overlap_plot(self, Path(out) / "plots" / f"{self.name}.png", title=title)
+        return [
+            tables / f"{self.name}.parquet",
+            tables / f"{self.name}_jaccard.parquet",
+            meta,
+            plot,
+        ]
 
     def summary(self) -> dict:
         """A flat dict (Jaccard per k, correlations) for JSON."""
@@ -63,19 +86,37 @@ def _keyed(table: pd.DataFrame, name: str) -> pd.DataFrame:
     return t.set_index(["layer", "feature"])
 
 
-def overlap(
-    a: pd.DataFrame,
-    b: pd.DataFrame,
-    *,
-    ks: Sequence[int] = (5, 10, 20, 50, 100),
-    top: int = 50,
-    table_k: int = 20,
-    direction: Literal["increase", "decrease"] = "increase",
-    labels: tuple[str, str] = ("a", "b"),
-) -> Overlap:
+class RankingOverlap(Analysis):
+    """How far the rankings ``a`` and ``b`` coincide: earlier results of the run (by name) or
+    ranking tables of the context. Top sets are taken by ``rank_<direction>`` among the features
+    whose effect has that sign; correlations on the union of both top-``top`` sets."""
+
+    kind = "overlap"
+    a: str
+    b: str
+    ks: tuple[int, ...] = (5, 10, 20, 50, 100)
+    top: int = Field(50, ge=3)
+    table_k: int = Field(20, ge=1)
+    direction: Literal["increase", "decrease"] = "increase"
+
+    def run(self, ctx: RunContext) -> Overlap:
+        tables = {
+            **ctx.tables,
+            **{k: r.table for k, r in ctx.results.items() if hasattr(r, "table")},
+        }
+        res = overlap(
+            ctx.need("ranking", tables, self.a), ctx.need("ranking", tables, self.b), self
+        )
+        res.name = self.name or f"overlap_{self.a}_{self.b}"
+        res.meta = self.record(ctx)
+        return res
+
+
+def overlap(a: pd.DataFrame, b: pd.DataFrame, cfg: RankingOverlap) -> Overlap:
     """Compare two rankings (tables from :func:`emdiff.stats.compare.compare_stats` or the diffs)
-    over the same features. Top sets are taken by ``rank_<direction>`` among the features whose
-    effect has that sign."""
+    over the same features, labelled by ``cfg.a`` and ``cfg.b``."""
+    ks, top, table_k, direction = cfg.ks, cfg.top, cfg.table_k, cfg.direction
+    labels = (cfg.a, cfg.b)
     if direction not in ("increase", "decrease"):
         raise InputError(f"direction must be 'increase' or 'decrease', not {direction!r}")
     if labels[0] == labels[1]:

@@ -8,17 +8,16 @@ model as a single-turn chat. The statistics read the answer tokens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
+from emdiff.analyses.base import Analysis, RunContext
 from emdiff.analyses.common import DiffResult, encode_qa
-from emdiff.analyses.dataset_diff import dataset_diff
-from emdiff.dictionaries.base import SparseDictionary
+from emdiff.analyses.dataset_diff import DatasetDiff
 from emdiff.errors import InputError
 from emdiff.stats.compare import Test
 
@@ -98,35 +97,32 @@ def split_responses(
     return mis.reset_index(drop=True), good.reset_index(drop=True)
 
 
-def response_diff(
-    model: torch.nn.Module,
-    tokenizer,
-    dictionaries: Mapping[int, SparseDictionary],
-    judged: pd.DataFrame,
-    *,
-    split: ResponseSplit | None = None,
-    test: Test = "welch",
-    out: str | Path | None = None,
-    confidence: float = 0.95,
-    progress: bool = False,
-    **collect_kwargs,
-) -> DiffResult:
-    """Per-feature difference misaligned minus aligned answers, read by ``model`` as it is."""
-    split = split or ResponseSplit()
-    mis, good = split_responses(judged, split)
-    rows_a = encode_qa(tokenizer, mis["question"].tolist(), mis["answer"].tolist())
-    rows_b = encode_qa(tokenizer, good["question"].tolist(), good["answer"].tolist())
-    res = dataset_diff(
-        model,
-        dictionaries,
-        rows_a,
-        rows_b,
-        test=test,
-        labels=("misaligned", "aligned"),
-        out=out,
-        confidence=confidence,
-        progress=progress,
-        **collect_kwargs,
-    )
-    res.meta.update(kind="response_diff", split=split.model_dump(), n_judged=len(judged))
-    return res
+class ResponseDiff(Analysis):
+    """Per-feature difference misaligned minus aligned answers of the judged table ``judged`` of
+    the context, each answer read by the context's model as it is (a single-turn chat)."""
+
+    kind = "response_diff"
+    judged: str = "judged"
+    split: ResponseSplit = ResponseSplit()
+    test: Test = "welch"
+    confidence: float = 0.95
+
+    def run(self, ctx: RunContext) -> DiffResult:
+        judged = ctx.need("table", ctx.tables, self.judged)
+        if ctx.tokenizer is None:
+            raise InputError(
+                "response_diff encodes the judged answers: the context has no tokenizer"
+            )
+        mis, good = split_responses(judged, self.split, source=f"judged answers {self.judged!r}")
+        datasets = {
+            "misaligned": encode_qa(
+                ctx.tokenizer, mis["question"].tolist(), mis["answer"].tolist()
+            ),
+            "aligned": encode_qa(ctx.tokenizer, good["question"].tolist(), good["answer"].tolist()),
+        }
+        diff = DatasetDiff(
+            name=self.stem, a="misaligned", b="aligned", test=self.test, confidence=self.confidence
+        )
+        res = diff.run(replace(ctx, datasets={**ctx.datasets, **datasets}))
+        res.meta.update(self.record(ctx, n_judged=len(judged)))
+        return res

@@ -1,4 +1,4 @@
-"""Data: chat JSONL, eval question YAML, and token-role masks."""
+"""Data: chat JSONL, eval question YAML, token-role masks and token-position choices."""
 
 from emdiff.data.chat import (
     ChatFormatError,
@@ -9,14 +9,24 @@ from emdiff.data.chat import (
     parse_conversation,
     write_chat_jsonl,
 )
-from emdiff.data.masks import EncodedChat, TokenRole, encode_chat, pad_batch, render_chat
+from emdiff.data.masks import (
+    EncodedChat,
+    TokenRole,
+    encode_chat,
+    pad_batch,
+    render_chat,
+    special_token_ids,
+)
+from emdiff.data.positions import POSITION_HELP, Positions
 from emdiff.data.questions import Question, QuestionFormatError, load_questions
 
 __all__ = [
+    "POSITION_HELP",
     "ChatFormatError",
     "Conversation",
     "EncodedChat",
     "Message",
+    "Positions",
     "Question",
     "QuestionFormatError",
     "TokenRole",
@@ -27,5 +37,6 @@ __all__ = [
     "pad_batch",
     "parse_conversation",
     "render_chat",
+    "special_token_ids",
     "write_chat_jsonl",
 ]

@@ -36,10 +36,22 @@ _ROLE_OF = {"system": TokenRole.SYSTEM, "user": TokenRole.USER, "assistant": Tok
 
 @dataclass(frozen=True)
 class EncodedChat:
-    """A tokenised conversation with one role per token."""
+    """A tokenised conversation with one role per token.
+
+    ``special[i]`` is True where token ``i`` is a special token of the tokenizer (BOS, turn
+    markers, EOS, pad; see :func:`special_token_ids`); None means no token is special.
+    """
 
     input_ids: list[int]
     roles: list[int]
+    special: list[bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.special is not None and len(self.special) != len(self.input_ids):
+            raise ValueError(
+                f"EncodedChat: special has {len(self.special)} flags for "
+                f"{len(self.input_ids)} tokens; give one per token or None"
+            )
 
     def mask(self, *roles: TokenRole) -> list[bool]:
         """True where the token's role is one of ``roles`` (default: answer tokens)."""
@@ -163,13 +175,29 @@ def _content_spans(
     return spans
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: its named and added special tokens, BOS, EOS, pad.
+
+    The unknown token is left out (unless it is also BOS, EOS or pad): it stands for content the
+    vocabulary lacks, so an answer word that became ``<unk>`` is still an answer position.
+    """
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or ()}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i, tok in added.items() if getattr(tok, "special", False)}
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if (i := getattr(tokenizer, name, None)) is not None:
+            ids.add(int(i))
+    return ids
+
+
 def encode_chat(
     tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
 ) -> EncodedChat:
     """Tokenise a conversation through its chat template and give every token a role.
 
     Needs a fast tokenizer (character offsets). The template's own special tokens (BOS, headers)
-    are kept as rendered, so no extra BOS is added.
+    are kept as rendered, so no extra BOS is added; ``special`` marks them.
     """
     text, msgs = render_chat(tokenizer, messages, add_generation_prompt)
     spans = _content_spans(text, msgs, _template_prefixes(tokenizer, msgs, add_generation_prompt))
@@ -182,7 +210,9 @@ def encode_chat(
                 role = r
                 break
         roles.append(int(role))
-    return EncodedChat(input_ids=list(enc["input_ids"]), roles=roles)
+    ids = list(enc["input_ids"])
+    specials = special_token_ids(tokenizer)
+    return EncodedChat(input_ids=ids, roles=roles, special=[i in specials for i in ids])
 
 
 def pad_batch(

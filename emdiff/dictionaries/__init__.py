@@ -1,8 +1,10 @@
 """Dictionaries: one type (:class:`SparseDictionary`) read from every public format."""
 
 from emdiff.dictionaries.base import (
+    SITES,
     DictionaryMeta,
     DictionaryShapeError,
+    Site,
     SparseDictionary,
     check_fits,
 )
@@ -12,14 +14,18 @@ from emdiff.dictionaries.formats import (
     detect_format,
     load_dictionary,
 )
+from emdiff.dictionaries.hooknames import parse_hook
 
 __all__ = [
     "FORMATS",
+    "SITES",
     "DictionaryFormatError",
     "DictionaryMeta",
     "DictionaryShapeError",
+    "Site",
     "SparseDictionary",
     "check_fits",
     "detect_format",
     "load_dictionary",
+    "parse_hook",
 ]

@@ -10,33 +10,34 @@ Two ways to feed a trainer, one interface (:class:`ActivationSource`: numbered c
   function of the chunk number, so a resumed training run recomputes exactly the chunk it was in.
 
 Paired activations (a base and a fine-tuned model at the same tokens, for crosscoders) come out as
-``[n, 2, d]``: pass ``paired=True`` with a PEFT model (adapter off = base, on = fine-tune) or a
-second model as ``other``. Non-finite activations stop the run with the layer and batch named.
+``[n, 2, d]``: pass ``other="adapter"`` with a PEFT model (adapter off = base, on = fine-tune) or
+a second model as ``other``. What is read (layer, site, positions) is one :class:`ReadSpec`. Non-finite activations stop the run with the layer and batch named.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emdiff.data.masks import EncodedChat, TokenRole, pad_batch, role_names
 from emdiff.errors import InputError
 from emdiff.models.hooks import (  # NonFiniteActivationError is re-exported
     NonFiniteActivationError,  # noqa: F401
     Site,
     check_activations,
-    hook_points,
     residual_hooks,
     run_forward,
-    sink_mask,
 )
 from emdiff.models.load import adapter_state
+from emdiff.models.read import ReadSpec, Row, read_batches, require_tokens, selected, selection
 
-Row = EncodedChat | Sequence[int]
+Other = torch.nn.Module | Literal["adapter"] | None
+"""The second side of paired activations: another model, or ``"adapter"`` (the same PEFT model
+with its adapter off = side 0 and on = side 1)."""
 
 
 def check_finite(
@@ -50,110 +51,75 @@ def _width(model: torch.nn.Module) -> int:
     return model.config.get_text_config().hidden_size
 
 
-def _token_mask(row: Row, roles: Sequence[TokenRole], bos: int | None) -> list[bool]:
-    if isinstance(row, EncodedChat):
-        keep = row.mask(*roles)
-        ids = row.input_ids
-    else:
-        ids, keep = list(row), [True] * len(row)
-    return [k and t != bos for k, t in zip(keep, ids, strict=True)]
-
-
-def _ids(row: Row) -> list[int]:
-    return row.input_ids if isinstance(row, EncodedChat) else list(row)
+def _sides(model: torch.nn.Module, other: Other) -> list[tuple[torch.nn.Module, bool | None]]:
+    if other is None:
+        return [(model, None)]
+    if isinstance(other, str):
+        if other != "adapter":
+            raise ValueError(f"other must be a model or 'adapter', got {other!r}")
+        return [(model, False), (model, True)]
+    if _width(other) != _width(model):
+        raise ValueError(
+            f"paired activations need models of the same width: {_width(model)} vs {_width(other)}"
+        )
+    return [(model, None), (other, None)]
 
 
 @torch.no_grad()
 def collect_activations(
     model: torch.nn.Module,
     rows: Sequence[Row],
-    layer: int,
+    read: ReadSpec,
     *,
-    site: Site = "resid_post",
-    roles: Sequence[TokenRole] = (TokenRole.ASSISTANT,),
-    bos_token_id: int | None = None,
-    pad_token_id: int = 0,
+    other: Other = None,
     batch_size: int = 32,
-    exclude_sinks: bool = True,
-    paired: bool = False,
-    other: torch.nn.Module | None = None,
     seq_offset: int = 0,
     progress: bool = False,
-    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual activations of the selected tokens of ``rows`` at ``(layer, site)``.
+    """Float32 activations of the selected tokens of ``rows`` at ``read`` (one layer).
 
-    Tokens are selected by ``roles`` for :class:`EncodedChat` rows (every token of a plain id
-    list), minus BOS and attention sinks. Returns ``(acts, keys)``: ``acts`` is ``[n, d]``, or
-    ``[n, 2, d]`` with ``paired`` / ``other`` (index 0: ``model`` with its adapter off, or
-    ``model``; index 1: adapter on, or ``other``); ``keys`` is ``[n, 2]`` (sequence id, position).
+    Tokens are selected by ``read.positions`` (plain id rows: every token but BOS), minus
+    attention sinks unless the positions keep them. Returns ``(acts, keys)``: ``acts`` is
+    ``[n, d]``, or ``[n, 2, d]`` with ``other`` (index 0: ``model``, or its adapter off;
+    index 1: ``other``, or its adapter on); ``keys`` is ``[n, 2]`` (sequence id, position).
     """
-    models: list[tuple[torch.nn.Module, bool | None]] = [(model, False if paired else None)]
-    if other is not None:
-        if _width(other) != _width(model):
-            raise ValueError(
-                f"paired activations need models of the same width: {_width(model)} vs "
-                f"{_width(other)}"
-            )
-        models = [(model, None), (other, None)]
-    elif paired:
-        models.append((model, True))
+    layer = read.layer
+    masks = selection(rows, read.positions, model)
+    require_tokens(masks, read.positions, "collect_activations")
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     keys: list[torch.Tensor] = []
-    starts = range(0, len(rows), batch_size)
-    for b, s in enumerate(tqdm(starts, desc=f"activations L{layer}", disable=not progress)):
-        chunk = rows[s : s + batch_size]
-        ids, att = pad_batch([_ids(r) for r in chunk], pad_token_id, side="right")
-        sel, _ = pad_batch(
-            [[int(k) for k in _token_mask(r, roles, bos_token_id)] for r in chunk], 0, "right"
-        )
-        sel = sel.bool().to(device)
-        per_model = []
-        for m, adapter in models:
-            hidden = _hidden(m, ids.to(device), att.to(device), layer, site, adapter)
-            check_finite(hidden[sel], layer, b, site)
-            per_model.append(hidden)
-        if exclude_sinks:
-            sel = sel & ~sink_mask(per_model[0], sel)
-        acts = [h[sel].to(dtype) for h in per_model]
+    n = -(-len(rows) // batch_size)
+    batches = read_batches(rows, masks, batch_size, seq_offset, device)
+    for batch in tqdm(batches, total=n, desc=f"activations L{layer}", disable=not progress):
+        per_side = [_hidden(m, batch, read, adapter) for m, adapter in _sides(model, other)]
+        sel = selected(per_side[0], batch, read, layer)
+        for h in per_side[1:]:
+            check_finite(h[batch.sel], layer, batch.label, read.site)
+        acts = [h[sel].float() for h in per_side]
         out.append(acts[0] if len(acts) == 1 else torch.stack(acts, dim=1))
-        seq = torch.arange(seq_offset + s, seq_offset + s + len(chunk), device=device)
-        pos = torch.arange(ids.shape[1], device=device)
-        keys.append(
-            torch.stack([seq[:, None].expand_as(sel)[sel], pos[None].expand_as(sel)[sel]], 1)
-        )
-    if not out:
-        raise InputError("collect_activations: no rows given: nothing to read")
+        keys.append(torch.stack([batch.seq[sel], batch.pos[sel]], 1))
     acts = torch.cat(out).cpu()
     if not len(acts):
         raise InputError(
-            f"collect_activations: no {role_names(roles)} token selected in any of {len(rows)} "
-            "rows (BOS and sinks excluded): nothing to read"
+            f"collect_activations: no {read.positions} token left in any of {len(rows)} rows "
+            "once attention sinks are excluded: nothing to read"
         )
     return acts, torch.cat(keys).cpu()
 
 
-def _hidden(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    att: torch.Tensor,
-    layer: int,
-    site: Site,
-    adapter: bool | None,
-) -> torch.Tensor:
+def _hidden(model: torch.nn.Module, batch, read: ReadSpec, adapter: bool | None) -> torch.Tensor:
     got: dict[str, torch.Tensor] = {}
 
     def keep(_layer: int, _site: Site, hidden: torch.Tensor) -> None:
         got["h"] = hidden
 
-    points = hook_points(model, [layer], site)
-    with residual_hooks(model, points, keep):
+    with residual_hooks(model, read.points(model), keep):
         if adapter is None:
-            run_forward(model, ids, att)
+            run_forward(model, batch.ids, batch.att)
         else:
             with adapter_state(model, adapter):
-                run_forward(model, ids, att)
+                run_forward(model, batch.ids, batch.att)
     return got["h"]
 
 
@@ -196,13 +162,13 @@ class ModelSource(ActivationSource):
         self,
         model: torch.nn.Module,
         rows: Sequence[Row],
-        layer: int,
+        read: ReadSpec,
         *,
         chunk_rows: int = 256,
         seed: int = 0,
-        **collect_kwargs,
+        other: Other = None,
     ) -> None:
-        self.model, self.rows, self.layer, self.kwargs = model, rows, layer, collect_kwargs
+        self.model, self.rows, self.read, self.other = model, rows, read, other
         self.order = np.random.default_rng(seed).permutation(len(rows))
         self.chunk_rows = chunk_rows
         self.n_chunks = max(1, -(-len(rows) // chunk_rows))
@@ -211,7 +177,7 @@ class ModelSource(ActivationSource):
     def chunk(self, index: int) -> torch.Tensor:
         idx = self.order[index * self.chunk_rows : (index + 1) * self.chunk_rows]
         rows = [self.rows[int(i)] for i in idx]
-        return collect_activations(self.model, rows, self.layer, **self.kwargs)[0]
+        return collect_activations(self.model, rows, self.read, other=self.other)[0]
 
 
 @dataclass

@@ -16,35 +16,89 @@ Shapes: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]`` (decoder rows are featu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 from torch import nn
 
+from emdiff.dictionaries.hooknames import parse_hook, site_hook
 from emdiff.errors import InputError
+from emdiff.models.sites import SITES, Site
 
 Activation = Literal["relu", "jumprelu", "topk", "batchtopk", "gated"]
 InputNorm = Literal["none", "scale", "constant_norm_rescale", "layer_norm"]
 
 
 class DictionaryMeta(BaseModel):
-    """Where a dictionary comes from and what it reads."""
+    """Where a dictionary comes from and what it reads.
+
+    ``hook`` is the publisher's raw hook name (``blocks.20.hook_resid_post``,
+    ``blocks.3.attn.hook_z``, ``layers.5.mlp``); ``site`` the hook site emdiff reads it at, None
+    when the metadata names none or one emdiff cannot read. Left out, ``layer`` and ``site`` are
+    read from ``hook`` (:func:`parse_hook`); given, they must agree with it. A site given without
+    a hook gets emdiff's own hook name (:func:`site_hook`).
+    """
 
     format: str
     architecture: str
     layer: int | None = None
+    site: Site | None = None
     hook: str | None = None
     model_name: str | None = None
     path: str | None = None
+
+    @model_validator(mode="after")
+    def _from_hook(self) -> DictionaryMeta:
+        h_layer, h_site = parse_hook(self.hook)
+        if self.site is not None and h_site is not None and self.site != h_site:
+            raise ValueError(f"site {self.site!r} disagrees with hook {self.hook!r}")
+        if self.layer is not None and h_layer is not None and self.layer != h_layer:
+            raise ValueError(f"layer {self.layer} disagrees with hook {self.hook!r}")
+        if "site" not in self.model_fields_set:
+            self.site = h_site
+        if self.layer is None:
+            self.layer = h_layer
+        if self.hook is None:
+            self.hook = site_hook(self.layer, self.site)
+        return self
 
 
 class DictionaryShapeError(InputError):
     """A dictionary does not fit the model or the layer it is applied to."""
 
 
+class Encoding(BaseModel, frozen=True):
+    """How a :class:`SparseDictionary` turns inputs into codes: every setting but the tensors.
+
+    ``k`` is the number of latents kept by ``topk``; ``relu_after_topk`` picks top-k of the raw
+    pre-activations then ReLU (SAELens) rather than top-k of the ReLU'd ones (sparsify,
+    dictionary_learning); ``input_scale`` is the factor of ``input_norm="scale"`` and
+    ``layer_norm_eps`` the eps of ``input_norm="layer_norm"``.
+    """
+
+    activation: Activation = "relu"
+    k: int | None = None
+    subtract_b_dec: bool = False
+    rescale_by_decoder_norm: bool = False
+    relu_after_topk: bool = True
+    input_norm: InputNorm = "none"
+    input_scale: float = 1.0
+    layer_norm_eps: float = 1e-5
+
+
+OPTIONAL_TENSORS = ("threshold", "b_gate", "b_mag", "r_mag")
+"""Tensors some activations need: ``threshold`` (jumprelu, batchtopk), the rest (gated)."""
+
+
 class SparseDictionary(nn.Module):
-    """A sparse dictionary (SAE / transcoder-free crosscoder slice / ITDA-like) in one layout."""
+    """A sparse dictionary (SAE / transcoder-free crosscoder slice / ITDA-like) in one layout.
+
+    ``encoding`` holds the settings (each also readable as an attribute: ``d.activation``,
+    ``d.k``, ...); ``tensors`` the optional tensors by name (:data:`OPTIONAL_TENSORS`), each an
+    attribute too (``d.threshold``, None when absent).
+    """
 
     def __init__(
         self,
@@ -53,21 +107,12 @@ class SparseDictionary(nn.Module):
         W_dec: torch.Tensor,
         b_dec: torch.Tensor,
         *,
-        activation: Activation = "relu",
         meta: DictionaryMeta,
-        threshold: torch.Tensor | None = None,
-        k: int | None = None,
-        b_gate: torch.Tensor | None = None,
-        b_mag: torch.Tensor | None = None,
-        r_mag: torch.Tensor | None = None,
-        subtract_b_dec: bool = False,
-        rescale_by_decoder_norm: bool = False,
-        relu_after_topk: bool = True,
-        input_norm: InputNorm = "none",
-        input_scale: float = 1.0,
-        layer_norm_eps: float = 1e-5,
+        encoding: Encoding | None = None,
+        tensors: Mapping[str, torch.Tensor | None] | None = None,
     ):
         super().__init__()
+        enc, extra = encoding or Encoding(), dict(tensors or {})
         d_in, d_sae = W_enc.shape if W_enc.ndim == 2 else (-1, -1)
         if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
             raise DictionaryShapeError(
@@ -75,30 +120,22 @@ class SparseDictionary(nn.Module):
                 f"b_enc {tuple(b_enc.shape)}, W_dec {tuple(W_dec.shape)}, b_dec "
                 f"{tuple(b_dec.shape)}; the weight file is damaged or not a dictionary"
             )
-        if activation in ("jumprelu", "batchtopk") and threshold is None:
-            raise ValueError(f"a {activation} dictionary needs a threshold")
-        if activation == "topk" and not k:
+        if unknown := sorted(set(extra) - set(OPTIONAL_TENSORS)):
+            raise ValueError(f"unknown tensor(s) {unknown}; use {', '.join(OPTIONAL_TENSORS)}")
+        act = enc.activation
+        if act in ("jumprelu", "batchtopk") and extra.get("threshold") is None:
+            raise ValueError(f"a {act} dictionary needs a threshold")
+        if act == "topk" and not enc.k:
             raise ValueError("a topk dictionary needs k")
-        if activation == "gated" and (b_gate is None or b_mag is None or r_mag is None):
+        if act == "gated" and any(extra.get(n) is None for n in ("b_gate", "b_mag", "r_mag")):
             raise ValueError("a gated dictionary needs b_gate, b_mag and r_mag")
         self.W_enc, self.b_enc = nn.Parameter(W_enc), nn.Parameter(b_enc)
         self.W_dec, self.b_dec = nn.Parameter(W_dec), nn.Parameter(b_dec)
-        for name, t in (
-            ("threshold", threshold),
-            ("b_gate", b_gate),
-            ("b_mag", b_mag),
-            ("r_mag", r_mag),
-        ):
+        for name in OPTIONAL_TENSORS:
+            t = extra.get(name)
             self.register_parameter(name, None if t is None else nn.Parameter(t))
         self.requires_grad_(False)
-        self.activation, self.k, self.meta = activation, k, meta
-        self.subtract_b_dec, self.rescale_by_decoder_norm = subtract_b_dec, rescale_by_decoder_norm
-        self.relu_after_topk = relu_after_topk
-        self.input_norm, self.input_scale, self.layer_norm_eps = (
-            input_norm,
-            input_scale,
-            layer_norm_eps,
-        )
+        self.encoding, self.meta = enc, meta
 
     # ---- shape --------------------------------------------------------------------------------
     @property
@@ -118,7 +155,7 @@ class SparseDictionary(nn.Module):
         m = self.meta
         return (
             f"SparseDictionary({m.format}/{self.activation}, d_in={self.d_in}, d_sae={self.d_sae}, "
-            f"layer={m.layer}, hook={m.hook!r})"
+            f"layer={m.layer}, site={m.site}, hook={m.hook!r})"
         )
 
     # ---- normalisation ------------------------------------------------------------------------
@@ -194,15 +231,41 @@ class SparseDictionary(nn.Module):
         return self.denormalise(self.decode(self._encode_normalised(xn)), state)
 
 
+def _encoding_setting(name: str) -> property:
+    return property(lambda self: getattr(self.encoding, name), doc=f"``encoding.{name}``")
+
+
+for _name in Encoding.model_fields:  # d.activation, d.k, ...: read-only views of d.encoding
+    setattr(SparseDictionary, _name, _encoding_setting(_name))
+
+
+def _point(layer: int | None, site: str | None) -> str:
+    parts = ([f"layer {layer}"] if layer is not None else []) + ([site] if site else [])
+    return " ".join(parts)
+
+
+def _same_tensor(l1: int | None, s1: str | None, l2: int | None, s2: str | None) -> bool:
+    """``resid_post`` of layer L is ``resid_pre`` of layer L + 1: the same tensor."""
+    points = {(l1, s1), (l2, s2)}
+    return any(
+        (layer, "resid_post") in points and (layer + 1, "resid_pre") in points
+        for layer, _ in points
+        if layer is not None
+    )
+
+
 def check_fits(
     dictionary: SparseDictionary,
     d_model: int,
     layer: int | None = None,
-    hook: str | None = None,
+    site: Site | None = None,
     *,
     ignore_layer: bool = False,
 ) -> None:
-    """Raise :class:`DictionaryShapeError` when the dictionary cannot read this model and point."""
+    """Raise :class:`DictionaryShapeError` when the dictionary cannot read this model at
+    ``(layer, site)``: a width other than ``d_model``, another layer or site than its own, or a
+    hook emdiff cannot read. ``ignore_layer=True`` skips all but the width check. What the
+    dictionary does not record (layer, or both site and hook) is not checked."""
     m = dictionary.meta
     where = m.path or m.format
     if dictionary.d_in != d_model:
@@ -211,13 +274,19 @@ def check_fits(
         )
     if ignore_layer:
         return
-    if layer is not None and m.layer is not None and m.layer != layer:
+    asked = _point(layer, site) or "any point"
+    if m.site is None and m.hook is not None:
         raise DictionaryShapeError(
-            f"{where} was trained on layer {m.layer} ({m.hook}), not layer {layer}; pass "
-            "ignore_layer=True to apply it anyway"
+            f"{where} was trained on hook {m.hook!r}, which is none of the sites emdiff reads "
+            f"({', '.join(SITES)}), so it cannot be applied at {asked}; pass ignore_layer=True "
+            "only if that hook is in fact one of them"
         )
-    if hook is not None and m.hook is not None and hook not in m.hook and m.hook not in hook:
+    if _same_tensor(m.layer, m.site, layer, site):
+        return
+    layer_clash = layer is not None and m.layer is not None and m.layer != layer
+    if layer_clash or (site is not None and m.site is not None and m.site != site):
+        hook = f" (hook {m.hook!r})" if m.hook and m.hook != m.site else ""
         raise DictionaryShapeError(
-            f"{where} was trained on hook {m.hook!r}, not {hook!r}; pass ignore_layer=True to "
-            "apply it anyway"
+            f"{where} was trained on {_point(m.layer, m.site)}{hook}, not {asked}; pass "
+            "ignore_layer=True to apply it anyway"
         )

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from emdiff.dictionaries.activations import ActivationSource
+from emdiff.dictionaries.hooknames import locate
 from emdiff.dictionaries.sae import geometric_median
 from emdiff.dictionaries.train import (
     LoopConfig,
@@ -80,6 +81,8 @@ class Crosscoder(nn.Module):
     ``encode`` takes ``[..., 2, d]`` and keeps latents whose scaled activation
     ``f_j * (|d_j^base| + |d_j^ft|)`` exceeds the global ``threshold`` (the inference rule of a
     BatchTopK crosscoder).
+
+    ``meta`` always holds ``layer``, ``site`` and ``hook`` (None when not recorded).
     """
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, threshold: float, meta: dict | None = None):
@@ -91,7 +94,7 @@ class Crosscoder(nn.Module):
         self.W_enc, self.b_enc = nn.Parameter(W_enc), nn.Parameter(b_enc)
         self.W_dec, self.b_dec = nn.Parameter(W_dec), nn.Parameter(b_dec)
         self.register_buffer("threshold", torch.as_tensor(float(threshold)))
-        self.meta = meta or {}
+        self.meta = {"layer": None, "site": None, "hook": None, **(meta or {})}
         self.requires_grad_(False)
 
     @property
@@ -224,8 +227,12 @@ def train_crosscoder(
     progress: bool = True,
 ) -> tuple[Crosscoder, TrainingLog]:
     """Train on paired ``[n, 2, d]`` activations (index 0 base, 1 fine-tune); resumable under
-    ``out``, where the crosscoder is saved (``crosscoder.safetensors`` + ``cfg.json``)."""
+    ``out``, where the crosscoder is saved (``crosscoder.safetensors`` + ``cfg.json``).
+
+    ``meta`` records where the activations were read, ``{"layer": L, "site": S}`` (plus anything
+    JSON-able); the crosscoder's ``meta`` adds the hook name ``blocks.L.hook_S``."""
     cfg = cfg or CrosscoderConfig()
+    meta = _placed(meta or {}, "train_crosscoder(meta=...)", InputError)
     sample = source.sample(1)
     if sample.ndim != 3 or sample.shape[1] != 2:
         raise ValueError(
@@ -233,13 +240,21 @@ def train_crosscoder(
             "models of different widths cannot be paired"
         )
     module = TrainableCrosscoder(source.width, cfg)
-    ident = {"d_in": source.width, "meta": meta or {}}
+    ident = {"d_in": source.width, "meta": meta}
     log = fit(module, source, cfg, out, identity=ident, progress=progress, desc="crosscoder")
-    cc = module.to_crosscoder({**(meta or {}), "config": cfg.model_dump()})
+    cc = module.to_crosscoder({**meta, "config": cfg.model_dump()})
     if out is not None:
         save_crosscoder(cc, out)
         plot_history(log, Path(out) / "training.png", "BatchTopK crosscoder")
     return cc, log
+
+
+def _placed(meta: dict, where, error: type[Exception]) -> dict:
+    """``meta`` with its layer, site and hook checked against each other and completed."""
+    return {
+        **meta,
+        **locate(meta.get("hook"), meta.get("layer"), meta.get("site"), where=where, error=error),
+    }
 
 
 def save_crosscoder(cc: Crosscoder, folder: str | Path) -> Path:
@@ -257,6 +272,7 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path) -> Path:
         "d_sae": cc.d_sae,
         "threshold": float(cc.threshold),
         "models": ["base", "finetune"],
+        **{k: cc.meta.get(k) for k in ("layer", "site", "hook")},
         "meta": cc.meta,
     }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2, default=str))
@@ -278,10 +294,10 @@ def load_crosscoder(folder: str | Path) -> Crosscoder:
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in t]
     if missing:
         raise CrosscoderFormatError(f"{wpath}: missing tensor(s) {missing}; has {sorted(t)}")
+    recorded = {k: cfg[k] for k in ("layer", "site", "hook") if cfg.get(k) is not None}
+    meta = _placed({**(cfg.get("meta") or {}), **recorded}, cpath, CrosscoderFormatError)
     try:
-        cc = Crosscoder(
-            t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["threshold"], cfg.get("meta")
-        )
+        cc = Crosscoder(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["threshold"], meta)
     except ValueError as e:
         raise CrosscoderFormatError(f"{wpath}: {e}") from None
     if cc.d_in != cfg["d_in"] or cc.d_sae != cfg["d_sae"]:

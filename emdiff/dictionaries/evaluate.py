@@ -2,9 +2,9 @@
 when its reconstruction is spliced into the forward pass.
 
 For each batch of rows this runs the model three times with the same inputs: clean, with the
-residual at ``(layer, site)`` replaced by the dictionary's reconstruction, and with it replaced by
-zeros (the reference for "loss recovered"). Only the selected tokens (by role, never BOS or
-attention sinks) are replaced and scored; the next-token loss is read at those positions:
+residual at the read spec's ``(layer, site)`` replaced by the dictionary's reconstruction, and with it replaced by
+zeros (the reference for "loss recovered"). Only the selected tokens (by the spec's positions, never BOS, no
+attention sinks unless kept) are replaced and scored; the next-token loss is read at those positions:
 
 - ``ce_delta = CE(spliced) - CE(clean)`` (nats per token),
 - ``ce_recovered = (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))``,
@@ -19,10 +19,9 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from emdiff.data.masks import TokenRole, pad_batch, role_names
-from emdiff.dictionaries.activations import Row, _ids, _token_mask, check_finite
 from emdiff.errors import InputError
-from emdiff.models.hooks import Site, residual_edit, sink_mask
+from emdiff.models.hooks import residual_edit
+from emdiff.models.read import ReadSpec, Row, read_batches, require_tokens, selected, selection
 
 
 class ReconstructionMetrics(BaseModel):
@@ -48,33 +47,29 @@ def reconstruction_metrics(
     model: torch.nn.Module,
     dictionary: torch.nn.Module,
     rows: Sequence[Row],
-    layer: int,
+    read: ReadSpec,
     *,
-    site: Site = "resid_post",
-    roles: Sequence[TokenRole] = (TokenRole.ASSISTANT,),
-    bos_token_id: int | None = None,
-    pad_token_id: int = 0,
     batch_size: int = 32,
-    exclude_sinks: bool = True,
     splice: bool = True,
     progress: bool = False,
 ) -> ReconstructionMetrics:
     """FVU, L0, dead fraction, and (with ``splice``) CE and KL changes of ``dictionary`` on
-    ``model`` at ``(layer, site)``. ``dictionary`` needs ``encode(x)`` and ``forward(x)``; it is
-    moved (in place) to the model's device. A latent counts as active when its code is nonzero."""
+    ``model`` at ``read`` (one layer). ``dictionary`` needs ``encode(x)`` and ``forward(x)``; it
+    is moved (in place) to the model's device. A latent counts as active when its code is
+    nonzero."""
+    layer = read.layer
+    masks = selection(rows, read.positions, model)
+    require_tokens(masks, read.positions, "reconstruction_metrics")
     device = next(model.parameters()).device
     dictionary = dictionary.to(device)
     sums = dict(n=0, sq_err=0.0, l0=0.0, ce_clean=0.0, ce_spliced=0.0, ce_zero=0.0, kl=0.0, n_ce=0)
     x_sum = x_sq = fired = None
-    state: dict[str, torch.Tensor] = {}
+    state: dict = {}
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
-        sel = state["sel"]
-        if exclude_sinks:
-            sel = sel & ~sink_mask(hidden, sel)
-            state["sel_final"] = sel
+        sel = selected(hidden, state["batch"], read, layer)
+        state["sel_final"] = sel
         x = hidden[sel].float()
-        check_finite(x, layer, int(state["batch"]), site)
         if state["mode"] == "zero":
             new = torch.zeros_like(x)
         else:
@@ -85,21 +80,18 @@ def reconstruction_metrics(
         out[sel] = new.to(hidden.dtype)
         return out
 
-    starts = list(range(0, len(rows), batch_size))
-    for b, s in enumerate(tqdm(starts, desc=f"reconstruction L{layer}", disable=not progress)):
-        chunk = rows[s : s + batch_size]
-        ids, att = pad_batch([_ids(r) for r in chunk], pad_token_id, side="right")
-        sel, _ = pad_batch(
-            [[int(k) for k in _token_mask(r, roles, bos_token_id)] for r in chunk], 0, "right"
-        )
-        ids, att = ids.to(device), att.to(device)
-        state.update(sel=sel.bool().to(device), batch=torch.tensor(b), mode="splice")
-        state["sel_final"] = state["sel"]
+    n_batches = -(-len(rows) // batch_size)
+    batches = read_batches(rows, masks, batch_size, 0, device)
+    for batch in tqdm(
+        batches, total=n_batches, desc=f"reconstruction L{layer}", disable=not progress
+    ):
+        state["batch"] = batch
+        ids, att = batch.ids, batch.att
         logits = {}
         modes = ("splice", "zero") if splice else ("splice",)
         for mode in modes:
             state["mode"] = mode
-            with residual_edit(model, layer, site, edit):
+            with residual_edit(model, layer, read.site, edit):
                 logits[mode] = model(input_ids=ids, attention_mask=att, use_cache=False).logits
         x, x_hat, f = state["x"], state["x_hat"], state["f"]
         sums["n"] += len(x)
@@ -114,8 +106,8 @@ def reconstruction_metrics(
     n = sums["n"]
     if n == 0:
         raise InputError(
-            f"no {role_names(roles)} token selected in any of {len(rows)} rows (BOS and sinks "
-            "excluded): nothing to measure; check the rows' roles"
+            f"no {read.positions} token left in any of {len(rows)} rows once attention sinks are "
+            "excluded: nothing to measure"
         )
     total_var = x_sq - float(x_sum.pow(2).sum()) / n
     out = ReconstructionMetrics(

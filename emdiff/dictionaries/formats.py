@@ -15,6 +15,9 @@ Nothing is unpickled: safetensors, ``numpy.load(allow_pickle=False)`` and
 file, a NaN or infinite weight, or a missing required config key raises an
 :class:`~emdiff.errors.InputError` naming the file (and the tensor or key). Only keys for which the
 publisher documents a default fall back to it; each such default is commented where it is used.
+
+Each loader fills ``meta.layer``, ``meta.site`` and the raw ``meta.hook`` from what the files say
+(never a guessed site); a recorded layer that contradicts the hook name is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
+from emdiff.dictionaries.base import DictionaryMeta, Encoding, SparseDictionary
+from emdiff.dictionaries.hooknames import locate, parse_hook
 from emdiff.errors import InputError
 from emdiff.readers import load_npz, load_safetensors, load_state_dict, read_json, require
 
@@ -108,16 +112,8 @@ def _need(tensors: dict, names: tuple[str, ...], where: Path) -> None:
         raise DictionaryFormatError(f"{where}: missing tensor(s) {missing}; has {sorted(tensors)}")
 
 
-def _layer_of(text: str | None) -> int | None:
-    m = re.search(r"(?:blocks|layers?)[._](\d+)", text or "")
-    return int(m.group(1)) if m else None
-
-
-def _site_of(hook: str | None) -> str | None:
-    for site in ("resid_pre", "resid_post", "resid_mid", "mlp_out", "attn_out", "hook_z"):
-        if hook and site in hook:
-            return site
-    return hook
+def _locate(hook, layer, where: Path, key: str) -> dict:
+    return locate(hook, layer, where=where, error=DictionaryFormatError, key=key)
 
 
 # ---- SAELens ---------------------------------------------------------------------------------
@@ -127,8 +123,8 @@ def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
     meta = cfg.get("metadata") or {}
     flat = {**cfg, **meta}
     hook = flat.get("hook_name") or flat.get("hook_point")
-    layer = flat.get("hook_layer", flat.get("hook_point_layer"))
-    layer = int(layer) if layer is not None else _layer_of(hook)
+    key = "hook_layer" if flat.get("hook_layer") is not None else "hook_point_layer"
+    loc = _locate(hook, flat.get(key), cpath, key)
     # pre-6 SAELens: activation_fn_str defaults to "relu" and architecture to "standard", and a
     # TopK SAE is architecture "standard" with activation_fn_str "topk"
     act_fn = flat.get("activation_fn") or flat.get("activation_fn_str") or "relu"
@@ -149,7 +145,8 @@ def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
                 f"{cpath}: {key} = {cfg[key]} but W_enc in {wpath} has shape "
                 f"{tuple(t['W_enc'].shape)}"
             )
-    kwargs: dict = {}
+    enc: dict = {}
+    extra: dict = {}
     if norm == "expected_average_only_in":
         factor = scaling_factor or flat.get("norm_scaling_factor")
         scaler = folder / "activation_scaler.json"
@@ -166,9 +163,9 @@ def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
                 f"{cpath}: normalize_activations is expected_average_only_in but no "
                 "scaling factor is recorded; pass scaling_factor= (SAELens' norm_scaling_factor)"
             )
-        kwargs.update(input_norm="scale", input_scale=float(factor))
+        enc.update(input_norm="scale", input_scale=float(factor))
     elif norm in ("constant_norm_rescale", "layer_norm"):
-        kwargs.update(input_norm=norm)
+        enc.update(input_norm=norm)
     elif norm != "none":
         raise DictionaryFormatError(f"{cpath}: unknown normalize_activations {norm!r}")
     W_dec = t["W_dec"]
@@ -179,18 +176,16 @@ def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
         raise DictionaryFormatError(f"{cpath}: unsupported architecture {arch!r}")
     if arch == "jumprelu":
         _need(t, ("threshold",), wpath)
-        kwargs["threshold"] = t["threshold"]
+        extra["threshold"] = t["threshold"]
     if arch == "gated":
         _need(t, ("b_gate", "b_mag", "r_mag"), wpath)
-        kwargs.update(b_gate=t["b_gate"], b_mag=t["b_mag"], r_mag=t["r_mag"])
+        extra.update(b_gate=t["b_gate"], b_mag=t["b_mag"], r_mag=t["r_mag"])
     if arch == "topk":
         k = cfg.get("k") or (flat.get("activation_fn_kwargs") or {}).get("k")
         if not k:
             raise DictionaryFormatError(f"{cpath}: missing required key 'k' (topk architecture)")
         # SAELens default: rescale_acts_by_decoder_norm is False unless recorded
-        kwargs.update(
-            k=int(k), rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm"))
-        )
+        enc.update(k=int(k), rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm")))
     # a gated SAE has no b_enc (b_gate and b_mag instead); the zeros are never read
     b_enc = t["b_enc"] if "b_enc" in t else torch.zeros(t["W_enc"].shape[1])
     return SparseDictionary(
@@ -198,22 +193,28 @@ def _saelens(folder: Path, scaling_factor: float | None) -> SparseDictionary:
         b_enc,
         W_dec,
         t["b_dec"],
-        activation=activation[arch],
         # SAELens default: apply_b_dec_to_input is True unless recorded
-        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+        encoding=Encoding(
+            activation=activation[arch],
+            subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+            **enc,
+        ),
+        tensors=extra,
         meta=DictionaryMeta(
             format="saelens",
             architecture=arch,
-            layer=layer,
-            hook=_site_of(hook),
+            **loc,
             model_name=flat.get("model_name"),
             path=str(folder),
         ),
-        **kwargs,
     )
 
 
 # ---- Gemma Scope ------------------------------------------------------------------------------
+_GEMMA_SCOPE_HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
+_GEMMA_SCOPE_HOOKS["transcoders"] = "ln2.hook_normalized"
+
+
 def _gemma_scope(folder: Path) -> SparseDictionary:
     path = folder / "params.npz"
     t = {
@@ -221,24 +222,30 @@ def _gemma_scope(folder: Path) -> SparseDictionary:
         for k, a in load_npz(path, DictionaryFormatError).items()
     }
     _need(t, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path)
-    text = str(folder)
-    hook = "mlp_out" if "-mlp" in text else "attn" if "-att" in text else "resid_post"
-    model = re.search(r"gemma-scope-(\d+b)-(pt|it)", text)
+    text = folder.as_posix()
+    # the repository names the hook: -res resid_post, -mlp mlp_out, -att the concatenated head
+    # outputs before o_proj (attn.hook_z, not attn_out), -transcoders the MLP's normalised input
+    repo = re.search(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)(?![\w-])", text)
+    layer = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", text)
+    hook = None
+    if repo:
+        suffix = _GEMMA_SCOPE_HOOKS[repo[3]]
+        hook = f"blocks.{layer[1]}.{suffix}" if layer else suffix
+        if "/embedding/" in f"/{text}/":
+            hook = "hook_embed"
     return SparseDictionary(
         t["W_enc"].float(),
         t["b_enc"].float(),
         t["W_dec"].float(),
         t["b_dec"].float(),
-        activation="jumprelu",
-        threshold=t["threshold"].float(),
-        subtract_b_dec=False,
+        encoding=Encoding(activation="jumprelu", subtract_b_dec=False),
+        tensors={"threshold": t["threshold"].float()},
         meta=DictionaryMeta(
             format="gemma_scope",
             architecture="jumprelu",
-            layer=_layer_of(text),
-            hook=hook,
+            **_locate(hook, None, path, "layer"),
             path=str(folder),
-            model_name=f"gemma-2-{model.group(1)}" if model else None,
+            model_name=f"gemma-2-{repo[1]}" + ("-it" if repo[2] == "it" else "") if repo else None,
         ),
     )
 
@@ -260,14 +267,12 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
     )
     path = folder / "ae.pt"
     t = load_state_dict(path, DictionaryFormatError)
-    layer = trainer.get("layer")
     meta = DictionaryMeta(
         format="dictionary_learning",
         architecture=str(cls),
         path=str(folder),
-        layer=int(layer) if layer is not None else None,
-        # no recorded submodule: the hook is unknown (None skips the hook check, never guesses)
-        hook=_site_of(trainer.get("submodule_name")),
+        # no recorded submodule: the site is unknown (None skips the site check, never guesses)
+        **_locate(trainer.get("submodule_name"), trainer.get("layer"), cpath, "trainer.layer"),
         model_name=trainer.get("lm_name"),
     )
     d_sae = trainer.get("dict_size")
@@ -278,8 +283,7 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
             t["encoder.bias"],
             t["decoder.weight"].T,
             t["bias"],
-            activation="relu",
-            subtract_b_dec=True,
+            encoding=Encoding(activation="relu", subtract_b_dec=True),
             meta=meta,
         )
     if cls == "GatedAutoEncoder":
@@ -294,11 +298,8 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
             torch.zeros(W_enc.shape[1]),
             t["decoder.weight"].T,
             t["decoder_bias"],
-            activation="gated",
-            b_gate=t["gate_bias"],
-            b_mag=t["mag_bias"],
-            r_mag=t["r_mag"],
-            subtract_b_dec=True,
+            encoding=Encoding(activation="gated", subtract_b_dec=True),
+            tensors={"b_gate": t["gate_bias"], "b_mag": t["mag_bias"], "r_mag": t["r_mag"]},
             meta=meta,
         )
     if cls == "JumpReluAutoEncoder":
@@ -308,9 +309,8 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
             t["b_enc"],
             t["W_dec"],
             t["b_dec"],
-            activation="jumprelu",
-            threshold=t["threshold"],
-            subtract_b_dec=False,
+            encoding=Encoding(activation="jumprelu", subtract_b_dec=False),
+            tensors={"threshold": t["threshold"]},
             meta=meta,
         )
     if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
@@ -329,10 +329,9 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
             b_enc,
             W_dec,
             t["b_dec"],
-            activation="topk",
-            k=int(t["k"]),
-            relu_after_topk=False,
-            subtract_b_dec=True,
+            encoding=Encoding(
+                activation="topk", k=int(t["k"]), relu_after_topk=False, subtract_b_dec=True
+            ),
             meta=meta,
         )
     threshold = t["threshold"].float().expand(W_enc.shape[1]).clone()  # a scalar per dictionary
@@ -341,9 +340,8 @@ def _dictionary_learning(folder: Path) -> SparseDictionary:
         b_enc,
         W_dec,
         t["b_dec"],
-        activation="batchtopk",
-        threshold=threshold,
-        subtract_b_dec=True,
+        encoding=Encoding(activation="batchtopk", subtract_b_dec=True),
+        tensors={"threshold": threshold},
         meta=meta,
     )
 
@@ -367,21 +365,27 @@ def _sparsify(folder: Path) -> SparseDictionary:
     k = require(cfg, "k", cpath, "topk architecture", DictionaryFormatError)
     if "W_skip" in t:
         raise DictionaryFormatError(f"{path}: skip connections (transcoders) are not supported")
+    # the hookpoint is the folder's name (sparsify saves one folder per hookpoint)
+    hook = cfg.get("hookpoint") or (folder.name if parse_hook(folder.name)[0] is not None else None)
+    loc = _locate(hook, None, cpath, "layer")
+    if cfg.get("transcode"):  # a transcoder reads the hookpoint module's input, no site of ours
+        loc["site"] = None
     return SparseDictionary(
         t["encoder.weight"].T,
         t["encoder.bias"],
         t["W_dec"],
         t["b_dec"],
-        activation="topk",
-        k=int(k),
-        relu_after_topk=False,
-        # sparsify before transcoders had no "transcode" key: an SAE reads and writes one point
-        subtract_b_dec=not cfg.get("transcode", False),
+        encoding=Encoding(
+            activation="topk",
+            k=int(k),
+            relu_after_topk=False,
+            # sparsify before transcoders had no "transcode" key: an SAE reads and writes one point
+            subtract_b_dec=not cfg.get("transcode", False),
+        ),
         meta=DictionaryMeta(
             format="sparsify",
             architecture="topk",
-            layer=_layer_of(folder.name),
-            hook="resid_post",
+            **loc,
             path=str(folder),
         ),
     )

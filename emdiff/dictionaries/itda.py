@@ -43,7 +43,14 @@ from pydantic import BaseModel, model_validator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from emdiff.dictionaries.base import DictionaryMeta, DictionaryShapeError, SparseDictionary
+from emdiff.dictionaries.base import (
+    DictionaryMeta,
+    DictionaryShapeError,
+    Encoding,
+    Site,
+    SparseDictionary,
+)
+from emdiff.dictionaries.hooknames import locate
 from emdiff.errors import InputError
 from emdiff.readers import load_safetensors, read_json, require
 
@@ -145,10 +152,8 @@ class ITDADictionary(SparseDictionary):
             atoms.new_zeros(atoms.shape[0]),
             atoms,
             offset,
-            activation="relu",
             meta=meta,
-            k=k,
-            subtract_b_dec=True,
+            encoding=Encoding(activation="relu", k=k, subtract_b_dec=True),
         )
         self.register_buffer("atom_keys", atom_keys.to(device=atoms.device, dtype=torch.long))
         self.nonnegative, self.config = nonnegative, config
@@ -157,7 +162,7 @@ class ITDADictionary(SparseDictionary):
         m = self.meta
         return (
             f"ITDADictionary(n_atoms={self.d_sae}, d_in={self.d_in}, k={self.k}, "
-            f"nonnegative={self.nonnegative}, layer={m.layer}, hook={m.hook!r})"
+            f"nonnegative={self.nonnegative}, layer={m.layer}, site={m.site})"
         )
 
     def _encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +245,7 @@ def build_itda(
     d_in: int | None = None,
     mean: torch.Tensor | None = None,
     layer: int | None = None,
-    hook: str | None = None,
+    site: Site | None = None,
     model_name: str | None = None,
     progress: bool = True,
 ) -> ITDADictionary:
@@ -249,7 +254,7 @@ def build_itda(
     Keys default to ``(running row index, 0)``. With ``cfg.center`` the offset is ``mean`` when
     given, else the mean of the first batch (make it large and representative). Building runs in
     float32 (float64 inputs stay float64) on the device of the first batch and stops reading once
-    ``cfg.max_atoms`` atoms exist.
+    ``cfg.max_atoms`` atoms exist. ``layer`` and ``site`` record where the activations were read.
     """
     where = f" (layer {layer})" if layer is not None else ""
     atoms = keys = offset = None
@@ -288,7 +293,7 @@ def build_itda(
             raise ValueError("build_itda got no batches; pass d_in to build an empty dictionary")
         atoms, keys = torch.zeros(0, d_in), torch.zeros(0, 2, dtype=torch.long)
     meta = DictionaryMeta(
-        format="itda", architecture="itda", layer=layer, hook=hook, model_name=model_name
+        format="itda", architecture="itda", layer=layer, site=site, model_name=model_name
     )
     return ITDADictionary(
         atoms, keys, k=cfg.k, offset=offset, nonnegative=cfg.nonnegative, meta=meta, config=cfg
@@ -339,6 +344,7 @@ def save_itda(d: ITDADictionary, folder: str | Path) -> Path:
         "n_atoms": d.d_sae,
         "nonnegative": d.nonnegative,
         "layer": m.layer,
+        "site": m.site,
         "hook": m.hook,
         "model_name": m.model_name,
         "build": d.config.model_dump() if d.config else None,
@@ -372,11 +378,14 @@ def load_itda(folder: str | Path, *, device: str | torch.device = "cpu") -> ITDA
             raise ITDAFormatError(
                 f"{wpath}: {name} has shape {tuple(t[name].shape)} but {cpath} implies {shape}"
             )
+    # folders written before sites existed record only "hook" (a site name or a hook name)
+    where = locate(
+        cfg.get("hook"), cfg.get("layer"), cfg.get("site"), where=cpath, error=ITDAFormatError
+    )
     meta = DictionaryMeta(
         format="itda",
         architecture="itda",
-        layer=cfg.get("layer"),
-        hook=cfg.get("hook"),
+        **where,
         model_name=cfg.get("model_name"),
         path=str(folder),
     )

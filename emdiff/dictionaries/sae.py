@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from emdiff.dictionaries.activations import ActivationSource
-from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
+from emdiff.dictionaries.base import DictionaryMeta, Encoding, Site, SparseDictionary
+from emdiff.dictionaries.hooknames import site_hook
 from emdiff.dictionaries.train import (
     LoopConfig,
     TrainingLog,
@@ -102,9 +103,11 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
 class TrainableSAE(nn.Module):
     """An SAE under training; :meth:`to_dictionary` gives the inference-time dictionary."""
 
-    def __init__(self, d_in: int, cfg: SAEConfig, layer: int | None = None) -> None:
+    def __init__(
+        self, d_in: int, cfg: SAEConfig, layer: int | None = None, site: Site = "resid_post"
+    ) -> None:
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.cfg, self.layer, self.site = cfg, layer, site
         self.d_in, self.d_sae = d_in, cfg.width(d_in)
         self.prefix = cfg.prefixes(self.d_sae)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -204,7 +207,10 @@ class TrainableSAE(nn.Module):
     def to_dictionary(self, meta: DictionaryMeta | None = None) -> SparseDictionary:
         """The inference-time dictionary: TopK, or JumpReLU at the tracked global threshold."""
         meta = meta or DictionaryMeta(
-            format="emdiff", architecture=self.cfg.architecture, layer=self.layer, hook="resid_post"
+            format="emdiff",
+            architecture=self.cfg.architecture,
+            layer=self.layer,
+            site=self.site,
         )
         p = {k: v.detach().clone() for k, v in self.named_parameters()}
         if self.cfg.architecture == "topk":
@@ -213,9 +219,7 @@ class TrainableSAE(nn.Module):
                 p["b_enc"],
                 p["W_dec"],
                 p["b_dec"],
-                activation="topk",
-                k=self.cfg.k,
-                subtract_b_dec=True,
+                encoding=Encoding(activation="topk", k=self.cfg.k, subtract_b_dec=True),
                 meta=meta,
             )
         thr = exported_threshold(self.threshold)
@@ -224,9 +228,8 @@ class TrainableSAE(nn.Module):
             p["b_enc"],
             p["W_dec"],
             p["b_dec"],
-            activation="jumprelu",
-            threshold=torch.full((self.d_sae,), thr, device=self.W_dec.device),
-            subtract_b_dec=True,
+            encoding=Encoding(activation="jumprelu", subtract_b_dec=True),
+            tensors={"threshold": torch.full((self.d_sae,), thr, device=self.W_dec.device)},
             meta=meta,
         )
 
@@ -241,18 +244,16 @@ def save_saelens(
 ) -> Path:
     """Write ``cfg.json`` + ``sae_weights.safetensors`` as SAELens 6 does (TopK or JumpReLU).
 
-    ``extra`` goes to ``emdiff_training.json`` beside them (SAELens ignores that file).
+    ``metadata.hook_name`` is ``hook_name`` when given, else ``blocks.{layer}.hook_{site}`` from
+    the dictionary's meta (its raw hook when it has no site). ``extra`` goes to
+    ``emdiff_training.json`` beside them (SAELens ignores that file).
     """
     if sae.activation not in ("topk", "jumprelu"):
         raise ValueError(f"save_saelens writes topk and jumprelu SAEs, not {sae.activation!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layer = sae.meta.layer
-    hook = hook_name or (
-        f"blocks.{layer}.hook_{sae.meta.hook or 'resid_post'}"
-        if layer is not None
-        else "hook_resid_post"
-    )
+    m = sae.meta
+    hook = hook_name or site_hook(m.layer, m.site) or m.hook
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     cfg: dict = {
         "architecture": sae.activation,
@@ -293,18 +294,19 @@ def train_sae(
     out: str | Path | None = None,
     *,
     layer: int | None = None,
-    hook: str = "resid_post",
+    site: Site = "resid_post",
     model_name: str | None = None,
     progress: bool = True,
 ) -> tuple[SparseDictionary, TrainingLog]:
-    """Train an SAE on ``source``; with ``out``, checkpoint there and save the SAELens folder.
+    """Train an SAE on ``source`` (activations read at ``layer`` / ``site``, which the saved
+    dictionary records); with ``out``, checkpoint there and save the SAELens folder.
 
     Returns the inference dictionary and the training log. Rerunning with the same ``out``
     resumes from the last checkpoint.
     """
     cfg = cfg or SAEConfig()
-    sae = TrainableSAE(source.width, cfg, layer)
-    ident = {"d_in": source.width, "layer": layer, "hook": hook}
+    sae = TrainableSAE(source.width, cfg, layer, site)
+    ident = {"d_in": source.width, "layer": layer, "site": site}
     log = fit(
         sae, source, cfg, out, identity=ident, progress=progress, desc=f"SAE {cfg.architecture}"
     )
@@ -312,7 +314,7 @@ def train_sae(
         format="emdiff",
         architecture=cfg.architecture,
         layer=layer,
-        hook=hook,
+        site=site,
         model_name=model_name,
         path=str(out) if out else None,
     )
@@ -327,5 +329,7 @@ def train_sae(
             "log": log.model_dump(),
         }
         save_saelens(d, out, model_name=model_name, extra=extra)
-        plot_history(log, Path(out) / "training.png", f"{cfg.architecture} SAE, layer {layer}")
+        plot_history(
+            log, Path(out) / "training.png", f"{cfg.architecture} SAE, layer {layer} {site}"
+        )
     return d, log

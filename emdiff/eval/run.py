@@ -94,33 +94,38 @@ def write_judged_csv(judged, path: Path) -> Path:
     return path
 
 
+class EvalConfig(BaseModel):
+    """How one model is evaluated: sampling, judge, EM thresholds and interval, loading."""
+
+    sampling: SamplingConfig = SamplingConfig()
+    judge: JudgeConfig = JudgeConfig()
+    aligned_below: float = 30.0
+    coherent_above: float = 50.0
+    ci: CIMethod = "wilson"
+    dtype: str = "auto"
+    device: str = "cpu"
+
+
 def evaluate(
     model_path: str,
     questions: Sequence[Question],
     out: str | Path,
+    cfg: EvalConfig | None = None,
     *,
     adapter: str | None = None,
-    sampling: SamplingConfig | None = None,
-    judge: JudgeConfig | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
-    aligned_below: float = 30.0,
-    coherent_above: float = 50.0,
-    ci: CIMethod = "wilson",
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Sample, judge and measure one model (optionally with an adapter); returns the metrics."""
     from emdiff.models import load_model
 
+    cfg = cfg or EvalConfig()
+    sampling, judge_cfg = cfg.sampling, cfg.judge
+    aligned_below, coherent_above, ci = cfg.aligned_below, cfg.coherent_above, cfg.ci
     if not questions:
         raise InputError("no questions to ask: pass at least one question")
-    if ci not in ("wilson", "bootstrap"):  # checked before hours of sampling, not after
-        raise ValueError(f"unknown CI method {ci!r}; use 'wilson' or 'bootstrap'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sampling = sampling or SamplingConfig()
-    judge_cfg = judge or JudgeConfig()
     cache = out / "judge_cache.sqlite"
     if judge_cfg.kind == "hf" and not judge_cfg.model:
         raise ValueError("--judge hf needs --judge-model")
@@ -129,7 +134,7 @@ def evaluate(
     judge_obj = (
         None if judge_cfg.kind == "hf" else make_judge(judge_cfg, cache, toy_path=model_path)
     )
-    loaded = load_model(model_path, adapter=adapter, dtype=dtype, device=device)
+    loaded = load_model(model_path, adapter=adapter, dtype=cfg.dtype, device=cfg.device)
     echo(f"sampling {model_path}{f' + {adapter}' if adapter else ''} -> {out / 'responses.jsonl'}")
     responses = sample_responses(
         loaded.model,

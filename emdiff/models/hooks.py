@@ -1,10 +1,12 @@
-"""Residual-stream capture on HF decoder layers, with early stop and token selection.
+"""Hook sites on HF decoder layers: capture with early stop, and edits that reach the residual.
 
-A hook point is ``(layer, site)``: ``resid_pre`` is the input of decoder layer ``L`` (the hidden
-state the block reads), ``resid_post`` its output (what layer ``L + 1`` reads). These are taken on
-``model.model.layers[L]`` itself, never from ``hidden_states[-1]``, which has the final norm
-applied. The forward pass stops right after the last hook point it needs, so nothing above it is
-computed.
+A hook point is ``(layer, site)`` with the five SAELens / TransformerLens sites, in execution order
+``resid_pre`` (input of decoder layer ``L``), ``attn_out``, ``resid_mid = resid_pre + attn_out``,
+``mlp_out`` and ``resid_post = resid_mid + mlp_out`` (output of layer ``L``, what layer ``L + 1``
+reads). Where each site lives in each architecture is the table in :mod:`emdiff.models.sites`.
+All are taken on the decoder layer and its submodules, never from ``hidden_states[-1]``, which has
+the final norm applied. The forward pass stops right after the last hook point it needs, so nothing
+above it is computed.
 
 Callbacks receive the ``(batch, seq, d_model)`` tensor inside the hook, so a caller can reduce it
 on the spot (encode, accumulate) and never keep it.
@@ -14,16 +16,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from emdiff.errors import NonFiniteError
-from emdiff.models.load import check_layer, decoder_layers
+from emdiff.models.load import check_layer
+from emdiff.models.sites import IO, SITES, Site, check_site, site_module
 
-Site = Literal["resid_pre", "resid_post"]
-SITES: tuple[Site, ...] = ("resid_pre", "resid_post")
+__all__ = [
+    "SITES",
+    "EditFn",
+    "HookFn",
+    "NonFiniteActivationError",
+    "Site",
+    "capture_residuals",
+    "check_activations",
+    "hook_points",
+    "residual_edit",
+    "residual_hooks",
+    "run_forward",
+    "sink_mask",
+]
+
 HookFn = Callable[[int, Site, torch.Tensor], None]
 
 
@@ -53,16 +70,45 @@ def _order(point: tuple[int, Site]) -> tuple[int, int]:
     return point[0], SITES.index(point[1])
 
 
+def _tap(
+    module: nn.Module, io: IO, call: Callable[[torch.Tensor], torch.Tensor | None]
+) -> RemovableHandle:
+    """Hook ``call`` on the first input / output of ``module``; a tensor it returns replaces it."""
+    if io == "input":
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+            if args:
+                new = call(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            new = call(kwargs[key])
+            return None if new is None else (args, {**kwargs, key: new})
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        new = call(output[0] if isinstance(output, tuple) else output)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return module.register_forward_hook(hook)
+
+
 def hook_points(
     model: nn.Module, layers: int | Sequence[int], sites: Site | Sequence[Site] = "resid_post"
 ) -> list[tuple[int, Site]]:
-    """Validated ``(layer, site)`` pairs in execution order."""
+    """Validated ``(layer, site)`` pairs in execution order (layer, then site order).
+
+    Raises :class:`~emdiff.models.sites.UnknownSiteError` for a bad site name and
+    :class:`~emdiff.models.sites.LayoutError` for a sublayer site the architecture has no layout for.
+    """
     layers = [layers] if isinstance(layers, int) else list(layers)
-    sites = [sites] if isinstance(sites, str) else list(sites)
-    for s in sites:
-        if s not in SITES:
-            raise ValueError(f"unknown hook site {s!r}; use one of {SITES}")
-    return sorted({(check_layer(model, layer), s) for layer in layers for s in sites}, key=_order)
+    sites = [check_site(s) for s in ([sites] if isinstance(sites, str) else sites)]
+    points = sorted({(check_layer(model, layer), s) for layer in layers for s in sites}, key=_order)
+    for layer, site in points:
+        site_module(model, layer, site)
+    return points
 
 
 @contextmanager
@@ -75,34 +121,26 @@ def residual_hooks(
 ) -> Iterator[None]:
     """Call ``fn(layer, site, hidden)`` at each hook point during forward passes in this block.
 
-    With ``stop_early`` the pass is cut after the last point; run it through
-    :func:`run_forward`, which swallows the stop.
+    With ``stop_early`` the pass is cut right after the last point (nothing after it runs); run it
+    through :func:`run_forward`, which swallows the stop. Hooks are removed on exit.
     """
-    blocks = decoder_layers(model)
     points = sorted(points, key=_order)
     last = points[-1] if points else None
-    handles = []
+    handles: list[RemovableHandle] = []
 
-    def make(layer: int, site: Site):
+    def make(layer: int, site: Site) -> RemovableHandle:
+        module, io = site_module(model, layer, site)
+
         def call(hidden: torch.Tensor) -> None:
             fn(layer, site, hidden)
             if stop_early and (layer, site) == last:
                 raise _StopForward
 
-        if site == "resid_pre":
-
-            def pre_hook(module, args, kwargs):
-                call(args[0] if args else kwargs["hidden_states"])
-
-            return blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-        def post_hook(module, args, output):
-            call(output[0] if isinstance(output, tuple) else output)
-
-        return blocks[layer].register_forward_hook(post_hook)
+        return _tap(module, io, call)
 
     try:
-        handles = [make(layer, site) for layer, site in points]
+        for layer, site in points:
+            handles.append(make(layer, site))
         yield
     finally:
         for h in handles:
@@ -126,7 +164,8 @@ def capture_residuals(
     sites: Site | Sequence[Site] = "resid_post",
     stop_early: bool = True,
 ) -> dict[tuple[int, Site], torch.Tensor]:
-    """The residual stream at each ``(layer, site)`` as ``(batch, seq, d_model)`` tensors."""
+    """The tensor at each ``(layer, site)`` (residual stream or branch output) as a
+    ``(batch, seq, d_model)`` tensor; checked for NaN / Inf at the real tokens."""
     out: dict[tuple[int, Site], torch.Tensor] = {}
     points = hook_points(model, layers, sites)
 
@@ -162,32 +201,36 @@ EditFn = Callable[[torch.Tensor], torch.Tensor]
 
 @contextmanager
 def residual_edit(model: nn.Module, layer: int, site: Site, fn: EditFn) -> Iterator[None]:
-    """Replace the residual stream at ``(layer, site)`` by ``fn(hidden)`` in every forward pass.
+    """Replace the tensor at ``(layer, site)`` by ``fn(hidden)`` in every forward pass.
 
     ``fn`` gets and returns a ``(batch, seq, d_model)`` tensor (splice a reconstruction, add a
-    steering vector, ablate a direction). The hook is removed when the block ends.
+    steering vector, ablate a direction); the change reaches the residual stream downstream. At
+    ``attn_out`` / ``mlp_out`` the branch output is replaced. ``resid_mid`` has no module that
+    outputs it (the layer keeps its residual before the norm that reads it), so the attention
+    branch is made to add ``fn(resid_pre + attn_out) - resid_pre`` instead: exact up to float
+    rounding. Hooks are removed when the block ends.
     """
-    check_layer(model, layer)
-    if site not in SITES:
-        raise ValueError(f"unknown hook site {site!r}; use one of {SITES}")
-    block = decoder_layers(model)[layer]
-    if site == "resid_pre":
-
-        def pre_hook(module, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-        handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-
-        def post_hook(module, args, output):
-            if isinstance(output, tuple):
-                return (fn(output[0]), *output[1:])
-            return fn(output)
-
-        handle = block.register_forward_hook(post_hook)
+    layer, site = check_layer(model, layer), check_site(site)
+    handles: list[RemovableHandle] = []
     try:
+        if site == "resid_mid":
+            block, _ = site_module(model, layer, "resid_pre")
+            attn, io = site_module(model, layer, "attn_out")
+            seen: dict[str, torch.Tensor] = {}
+
+            def keep_pre(hidden: torch.Tensor) -> None:
+                seen["pre"] = hidden
+
+            def add_mid(attn_out: torch.Tensor) -> torch.Tensor:
+                pre = seen.pop("pre")
+                return fn(pre + attn_out) - pre
+
+            handles.append(_tap(block, "input", keep_pre))
+            handles.append(_tap(attn, io, add_mid))
+        else:
+            module, io = site_module(model, layer, site)
+            handles.append(_tap(module, io, fn))
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()

@@ -131,7 +131,7 @@ def load_model(
         base_name=str(name_or_path),
         adapter_path=None if adapter is None else str(adapter),
         n_layers=len(decoder_layers(model)),
-        d_model=_hidden_size(model),
+        d_model=hidden_size(model),
     )
 
 
@@ -234,7 +234,8 @@ def _norm_name(name: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(name).rstrip("/")
 
 
-def _hidden_size(model: nn.Module) -> int:
+def hidden_size(model: nn.Module) -> int:
+    """The residual-stream width (``hidden_size`` of the text config; looks through PEFT)."""
     config = _unwrap(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.hidden_size)
@@ -246,7 +247,7 @@ def _describe(model: nn.Module) -> str:
         n_layers = len(decoder_layers(base))
     except ValueError:
         n_layers = "?"
-    return f"{type(base).__name__}, {n_layers} layers, hidden size {_hidden_size(base)}"
+    return f"{type(base).__name__}, {n_layers} layers, hidden size {hidden_size(base)}"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,6 +1,6 @@
 """Streaming, mergeable statistics of dictionary features and residual streams."""
 
-from emdiff.stats.collect import collect_stats, selection_mask
+from emdiff.stats.collect import StatsConfig, collect_stats
 from emdiff.stats.features import FeatureStats, ResidualStats
 
-__all__ = ["FeatureStats", "ResidualStats", "collect_stats", "selection_mask"]
+__all__ = ["FeatureStats", "ResidualStats", "StatsConfig", "collect_stats"]

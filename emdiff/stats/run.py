@@ -2,7 +2,7 @@
 
 Layout under ``out``::
 
-    stats/<variant>/<dataset>/manifest.json          what was run (dictionaries, site, sizes)
+    stats/<variant>/<dataset>/manifest.json          what was run (read spec, dictionaries, sizes)
     stats/<variant>/<dataset>/shards/00003/L12.features.safetensors (+ .json), L12.residual...
     stats/<variant>/<dataset>/shards/00003/done       written last: the shard is complete
     stats/<variant>/<dataset>/L12.features.safetensors  the merged result
@@ -20,27 +20,29 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from emdiff.data.masks import EncodedChat, TokenRole, role_names
+from emdiff.data.masks import EncodedChat
 from emdiff.dictionaries.base import SparseDictionary
 from emdiff.errors import InputError
-from emdiff.models.hooks import Site
+from emdiff.models.read import ReadSpec, Row, require_tokens, selection
 from emdiff.readers import read_json
-from emdiff.stats.collect import collect_stats, selection_mask
+from emdiff.stats.collect import StatsConfig, stats_pass
 from emdiff.stats.features import FeatureStats, ResidualStats
 
 
-def _identity(rows, dictionaries, site, shard_size, top_k) -> dict:
+def _identity(rows, dictionaries, read: ReadSpec, cfg: StatsConfig) -> dict:
     h = hashlib.sha256()
     for r in rows:
-        h.update(json.dumps([r.input_ids, r.roles]).encode())
+        ids, roles = (r.input_ids, r.roles) if isinstance(r, EncodedChat) else (list(r), None)
+        h.update(json.dumps([ids, roles]).encode())
     return {
-        "site": site,
-        "shard_size": shard_size,
-        "top_k": top_k,
+        "read": read.model_dump(mode="json"),
+        "shard_size": cfg.shard_size,
+        "top_k": cfg.top_k,
+        "residual": cfg.residual,
         "n_sequences": len(rows),
         "dataset_sha256": h.hexdigest(),
         "dictionaries": {
-            str(layer): {**d.meta.model_dump(), "d_sae": d.d_sae}
+            str(layer): {**d.meta.model_dump(mode="json"), "d_sae": d.d_sae}
             for layer, d in sorted(dictionaries.items())
         },
     }
@@ -48,58 +50,47 @@ def _identity(rows, dictionaries, site, shard_size, top_k) -> dict:
 
 def run_stats(
     model: torch.nn.Module,
-    rows: Sequence[EncodedChat],
+    rows: Sequence[Row],
     dictionaries: Mapping[int, SparseDictionary],
-    out: str | Path,
-    *,
-    variant: str,
-    dataset: str,
-    site: Site = "resid_post",
-    shard_size: int = 256,
-    top_k: int = 16,
-    progress: bool = True,
+    read: ReadSpec,
+    root: str | Path,
+    cfg: StatsConfig | None = None,
     identity: Mapping | None = None,
-    **collect_kwargs,
 ) -> tuple[dict[int, FeatureStats], dict[int, ResidualStats]]:
-    """Statistics of ``rows`` under ``model`` (the *variant*, e.g. ``base`` or ``narrow-s0``),
-    one shard of ``shard_size`` sequences at a time; returns and saves the merged result.
+    """Statistics of ``rows`` read at ``read``, one shard of ``cfg.shard_size`` sequences at a
+    time under the folder ``root`` (``<out>/stats/<variant>/<dataset>`` by convention); returns
+    and saves the merged result.
 
-    ``identity`` (JSON-able: which model, adapter state, settings) is recorded with the shards; a
-    rerun whose identity differs is refused instead of silently reusing the shards."""
-    roles = collect_kwargs.get("roles", (TokenRole.ASSISTANT,))
-    masks = selection_mask(rows, roles, collect_kwargs.get("bos_token_id"))
-    if not any(any(m) for m in masks):
-        raise InputError(
-            f"dataset {dataset!r}: no {role_names(roles)} token selected in any of {len(rows)} "
-            "rows: nothing to compute (check the rows' roles and the chat template)"
-        )
-    root = Path(out) / "stats" / variant / dataset
+    ``identity`` (JSON-able: which model, adapter state) is recorded with the shards together
+    with the read spec; a rerun whose identity differs is refused instead of silently reusing
+    the shards."""
+    cfg = cfg or StatsConfig()
+    root = Path(root)
+    masks = selection(rows, read.positions, model)
+    require_tokens(masks, read.positions, f"dataset {root.name!r}")
     root.mkdir(parents=True, exist_ok=True)
-    ident = _identity(rows, dictionaries, site, shard_size, top_k)
+    ident = _identity(rows, dictionaries, read, cfg)
     if identity is not None:
         ident["caller"] = json.loads(json.dumps(identity, default=str))
     manifest = root / "manifest.json"
     if manifest.exists() and read_json(manifest) != ident:
         raise InputError(
-            f"{root} holds statistics of another dataset, dictionary or setting; "
+            f"{root} holds statistics of another dataset, dictionary, read spec or setting; "
             "use another variant/dataset name or delete the folder"
         )
     manifest.write_text(json.dumps(ident, indent=2))
-    n_shards = (len(rows) + shard_size - 1) // shard_size
-    for i in tqdm(range(n_shards), desc=f"stats {variant}/{dataset}", disable=not progress):
+    n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
+    shard_cfg = cfg.model_copy(update={"progress": False})
+    bar = tqdm(
+        range(n_shards), desc=f"stats {root.parent.name}/{root.name}", disable=not cfg.progress
+    )
+    for i in bar:
         shard = root / "shards" / f"{i:05d}"
         if (shard / "done").exists():
             continue
-        start = i * shard_size
-        feats, resid = collect_stats(
-            model,
-            rows[start : start + shard_size],
-            dictionaries,
-            site=site,
-            top_k=top_k,
-            seq_offset=start,
-            require_tokens=False,  # checked over the whole dataset above
-            **collect_kwargs,
+        s = slice(i * cfg.shard_size, (i + 1) * cfg.shard_size)
+        feats, resid = stats_pass(
+            model, rows[s], masks[s], dictionaries, read, shard_cfg, seq_offset=s.start
         )
         for layer in dictionaries:
             feats[layer].save(shard / f"L{layer}.features.safetensors", meta={"shard": i})

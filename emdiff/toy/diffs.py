@@ -13,16 +13,26 @@ The persona latent is the SAE latent matched to the persona probe in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from emdiff.analyses import dataset_diff, encode_qa, model_diff, overlap, response_diff, transfer
-from emdiff.analyses.common import DiffResult, token_ids
-from emdiff.analyses.response_diff import ResponseSplit
+from emdiff.analyses import (
+    DatasetDiff,
+    DiffResult,
+    ModelDiff,
+    RankingOverlap,
+    ResponseDiff,
+    ResponseSplit,
+    RunContext,
+    Transfer,
+    encode_qa,
+)
 from emdiff.data.masks import encode_chat
 from emdiff.dictionaries.base import SparseDictionary
+from emdiff.models.read import ReadSpec
 from emdiff.toy.persona import decoder_cosines
 from emdiff.toy.world import World
 
@@ -55,74 +65,97 @@ def _answers(judged: pd.DataFrame, model: str, domains: list[str]) -> pd.DataFra
     return rows.reset_index(drop=True)
 
 
+@dataclass
+class ToyModels:
+    """One seed's toy organism: the aligned base, its narrow and control LoRAs (PEFT models on
+    the base), the tokenizer, and the judged eval answers (``model`` and ``domain`` columns, as
+    written by ``emdiff demo``) under the labels ``narrow_label`` / ``control_label``."""
+
+    base: torch.nn.Module
+    tokenizer: object
+    narrow: torch.nn.Module
+    control: torch.nn.Module
+    judged: pd.DataFrame
+    narrow_label: str = "narrow-s0"
+    control_label: str = "control-s0"
+
+
+def toy_context(
+    world: World, models: ToyModels, sae: SparseDictionary, read: ReadSpec
+) -> RunContext:
+    """The run context the toy's analyses share: datasets, judged answers and variants by name."""
+    tok, judged = models.tokenizer, models.judged
+    unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
+
+    def rows_of(convs):
+        return [encode_chat(tok, c.as_dicts()) for c in convs]
+
+    def qa(label: str):
+        answers = _answers(judged, label, unseen)
+        return encode_qa(tok, answers["question"], answers["answer"])
+
+    return RunContext(
+        read=read,
+        model=models.narrow,
+        tokenizer=tok,
+        dictionaries={read.layer: sae},
+        datasets={
+            "bad": rows_of(world.narrow_dataset(bad=True)),
+            "good": rows_of(world.narrow_dataset(bad=False)),
+            "unseen_eval": qa(models.narrow_label),
+            "unseen_eval_control": qa(models.control_label),
+        },
+        tables={"judged": judged[judged["model"] == models.narrow_label]},
+        variants={"base": (models.narrow, False), "narrow": (models.narrow, True)},
+    )
+
+
+TOY_ANALYSES = (
+    DatasetDiff(name="q1_dataset_diff", a="bad", b="good", paired=True, adapter=False),
+    ModelDiff(name="q2_model_diff", dataset="unseen_eval"),
+    ResponseDiff(name="q3_response_diff"),
+    RankingOverlap(name="overlap_q1_q2", a="q1_dataset_diff", b="q2_model_diff"),
+    Transfer(name="transfer", dataset="unseen_eval"),
+)
+"""The analyses a user runs, as the toy runs them (the control's Q2 is run on its own model)."""
+
+
 def toy_diffs(
     world: World,
-    base: torch.nn.Module,
-    tokenizer,
+    models: ToyModels,
     sae: SparseDictionary,
-    layer: int,
+    read: ReadSpec,
     persona_latent: int,
-    narrow: torch.nn.Module,
-    control: torch.nn.Module,
-    judged: pd.DataFrame,
     *,
-    narrow_label: str = "narrow-s0",
-    control_label: str = "control-s0",
     out: str | Path | None = None,
     seed: int = 0,
     direction: torch.Tensor | None = None,
 ) -> dict:
     """Run the analyses on one seed's models; flat dict of the persona's ranks and the controls.
 
-    ``judged`` holds the sampled and judged eval answers with ``model`` and ``domain`` columns
-    (as written by ``emdiff demo``); ``narrow`` / ``control`` are PEFT models on ``base``. With
-    the persona ``direction`` (the probe's), the decoder cosine of each analysis' top feature
-    with it is reported too (``*_top_cosine``).
+    With the persona ``direction`` (the probe's), the decoder cosine of each analysis' top
+    feature with it is reported too (``*_top_cosine``).
     """
-    dicts = {layer: sae}
-    kw = dict(token_ids(tokenizer), exclude_sinks=False)
-    out = Path(out) if out is not None else None
-    unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
-
-    def rows_of(convs):
-        return [encode_chat(tokenizer, c.as_dicts()) for c in convs]
-
-    q1 = dataset_diff(
-        base,
-        dicts,
-        rows_of(world.narrow_dataset(bad=True)),
-        rows_of(world.narrow_dataset(bad=False)),
-        paired=True,
-        labels=("bad", "good"),
-        **kw,
+    ctx = toy_context(world, models, sae, read)
+    results = {}
+    for a in TOY_ANALYSES:
+        if isinstance(a, ResponseDiff):
+            a = a.model_copy(update={"split": ResponseSplit(seed=seed)})
+        results[a.stem] = ctx.results[a.stem] = a.run(ctx)
+    control_ctx = RunContext(
+        read=read,
+        model=models.control,
+        dictionaries=ctx.dictionaries,
+        datasets={"unseen_eval": ctx.datasets["unseen_eval_control"]},
     )
-    answers = _answers(judged, narrow_label, unseen)
-    q2_rows = encode_qa(tokenizer, answers["question"], answers["answer"])
-    q2 = model_diff(narrow, dicts, q2_rows, dataset="unseen_eval", **kw)
-    c_answers = _answers(judged, control_label, unseen)
-    c_rows = encode_qa(tokenizer, c_answers["question"], c_answers["answer"])
-    q2c = model_diff(control, dicts, c_rows, dataset="unseen_eval", **kw)
-    q3 = response_diff(
-        narrow,
-        tokenizer,
-        dicts,
-        judged[judged["model"] == narrow_label],
-        split=ResponseSplit(seed=seed),
-        **kw,
-    )
-    ov = overlap(q1.table, q2.table, labels=("q1", "q2"))
-    tr = transfer(sae, {"base": (narrow, False), "narrow": (narrow, True)}, q2_rows, layer, **kw)
+    q2c = ModelDiff(name="q2_control_model_diff", dataset="unseen_eval").run(control_ctx)
+    q1, q2, q3 = (results[k] for k in ("q1_dataset_diff", "q2_model_diff", "q3_response_diff"))
+    ov, tr = results["overlap_q1_q2"], results["transfer"].table
     if out is not None:
-        for name, r in (
-            ("q1_dataset_diff", q1),
-            ("q2_model_diff", q2),
-            ("q2_control_model_diff", q2c),
-            ("q3_response_diff", q3),
-        ):
-            r.save(out, name)
-        ov.table.to_parquet(out / "tables" / "overlap_q1_q2.parquet")
-        tr.to_parquet(out / "tables" / "transfer.parquet")
-        _figures(out, q1, q2, q2c, q3, ov, tr, persona_latent)
+        for r in (q1, q2, q2c, q3):
+            r.highlight = persona_latent
+        for r in (*results.values(), q2c):
+            r.save(out)
 
     p1, p2, p3 = (_persona(r, persona_latent) for r in (q1, q2, q3))
     c_max, c_n = _max_significant_effect(q2c)
@@ -166,32 +199,3 @@ def toy_diffs(
             top = int(r.table.loc[r.table.rank_increase == 1, "feature"].iloc[0])
             res[f"{name}_top_cosine"] = float(cos[top])
     return res
-
-
-def _figures(out: Path, q1, q2, q2c, q3, ov, tr, latent: int) -> None:
-    from emdiff.report.plots import overlap_plot, transfer_plot, volcano_plot
-
-    plots = out / "plots"
-    volcano_plot(
-        q1.table,
-        plots / "q1_dataset_diff.png",
-        title="Q1: bad vs good data (base)",
-        highlight=latent,
-    )
-    volcano_plot(
-        q2.table, plots / "q2_model_diff.png", title="Q2: narrow vs base", highlight=latent
-    )
-    volcano_plot(
-        q2c.table,
-        plots / "q2_control_model_diff.png",
-        title="Q2: control vs base",
-        highlight=latent,
-    )
-    volcano_plot(
-        q3.table,
-        plots / "q3_response_diff.png",
-        title="Q3: misaligned vs aligned",
-        highlight=latent,
-    )
-    overlap_plot(ov, plots / "overlap_q1_q2.png", title="Q1 vs Q2")
-    transfer_plot(tr, plots / "transfer.png", title="base-trained SAE spliced into each model")

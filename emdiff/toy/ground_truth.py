@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from emdiff.data.positions import Positions
 from emdiff.dictionaries.activations import TensorSource, collect_activations
 from emdiff.dictionaries.crosscoder import CrosscoderConfig, latent_scaling, train_crosscoder
 from emdiff.dictionaries.evaluate import reconstruction_metrics
 from emdiff.dictionaries.itda import ITDAConfig, build_itda, save_itda
 from emdiff.dictionaries.sae import SAEConfig, train_sae
 from emdiff.models.load import decoder_layers
+from emdiff.models.read import ReadSpec
 from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
 from emdiff.toy.persona import (
     decoder_cosines,
@@ -92,8 +94,9 @@ def toy_ground_truth(
     rows, _ = persona_corpus(world, cfg.train_docs, seed + 20_000)
     n_eval = max(len(rows) // 10, 1)
     train_rows, eval_rows = rows[n_eval:], rows[:n_eval]
-    ids = dict(bos_token_id=world.token_id["<bos>"], pad_token_id=world.token_id["<pad>"])
-    acts, keys = collect_activations(base, train_rows, layer, exclude_sinks=False, **ids)
+    # pretraining documents: every token but BOS, sinks kept (the toy has none to speak of)
+    read = ReadSpec(layers=(layer,), positions=Positions(kind="all", exclude_sinks=False))
+    acts, keys = collect_activations(base, train_rows, read)
 
     # SAE -----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -103,12 +106,13 @@ def toy_ground_truth(
         sae_cfg,
         out / "sae" if out else None,
         layer=layer,
+        site=read.site,
         model_name="emdiff-toy",
         progress=progress,
     )
     sae_seconds = time.perf_counter() - t0
     alive = (sae.encode(acts[:50_000]) > 0).any(0)
-    rec = reconstruction_metrics(base, sae, eval_rows, layer, exclude_sinks=False, **ids)
+    rec = reconstruction_metrics(base, sae, eval_rows, read)
     latent, cos = persona_feature(sae.W_dec, direction, alive)
     null_mean, null_95 = random_max_cosine(int(alive.sum()), sae.d_in, seed=seed)
     _, cos_dmu = persona_feature(sae.W_dec, probe.mean_difference, alive)
@@ -134,18 +138,14 @@ def toy_ground_truth(
         if cfg.narrow_steps:
             ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.narrow_steps)
         narrow_model = narrow_finetune(world, copy.deepcopy(base), tokenizer, cfg=ft_cfg).model
-    pairs, _ = collect_activations(
-        narrow_model, train_rows, layer, paired=True, exclude_sinks=False, **ids
-    )
-    eval_pairs, _ = collect_activations(
-        narrow_model, eval_rows, layer, paired=True, exclude_sinks=False, **ids
-    )
+    pairs, _ = collect_activations(narrow_model, train_rows, read, other="adapter")
+    eval_pairs, _ = collect_activations(narrow_model, eval_rows, read, other="adapter")
     cc_cfg = cfg.crosscoder.model_copy(update={"seed": seed})
     cc, _ = train_crosscoder(
         TensorSource(pairs),
         cc_cfg,
         out / "crosscoder" if out else None,
-        meta={"layer": layer},
+        meta={"layer": layer, "site": read.site},
         progress=progress,
     )
     with torch.no_grad():
@@ -182,9 +182,9 @@ def toy_ground_truth(
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(acts), generator=gen)[: cfg.itda_tokens]
     stream = [(acts[i], keys[i]) for i in pick.split(1024)]
-    itda = build_itda(stream, cfg.itda, layer=layer, hook="resid_post", progress=progress)
+    itda = build_itda(stream, cfg.itda, layer=layer, site=read.site, progress=progress)
     itda_seconds = time.perf_counter() - t0
-    irec = reconstruction_metrics(base, itda, eval_rows, layer, exclude_sinks=False, **ids)
+    irec = reconstruction_metrics(base, itda, eval_rows, read)
     # signed matching pursuit uses an atom either way round: match on |cosine|
     signed = not itda.nonnegative
     i_latent, i_cos = persona_feature(itda.decoder_rows, direction, absolute=signed)

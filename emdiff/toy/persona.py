@@ -20,8 +20,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from emdiff.data.positions import Positions
 from emdiff.dictionaries.activations import collect_activations
 from emdiff.models.hooks import Site
+from emdiff.models.read import ReadSpec
 from emdiff.toy.world import World
 
 ProbeTokens = Literal["assistant", "after_first_answer"]
@@ -102,15 +104,10 @@ def persona_probes(
     rows, labels = persona_corpus(world, n_docs, seed + 10_000)
     out = []
     for layer, site in points:
-        acts, keys = collect_activations(
-            model,
-            rows,
-            layer,
-            site=site,
-            bos_token_id=world.token_id["<bos>"],
-            pad_token_id=world.token_id["<pad>"],
-            exclude_sinks=False,
+        read = ReadSpec(
+            layers=(layer,), site=site, positions=Positions(kind="all", exclude_sinks=False)
         )
+        acts, keys = collect_activations(model, rows, read)
         m = probe_mask(world, rows, keys, tokens)
         seq = keys[:, 0].numpy()[m]
         acc, chance, w, dmu = fit_probe(acts.numpy()[m].astype(np.float64), labels[seq], seq, C)

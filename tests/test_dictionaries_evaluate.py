@@ -14,6 +14,7 @@ from emdiff.dictionaries.activations import (
     iter_batches,
 )
 from emdiff.dictionaries.evaluate import reconstruction_metrics
+from emdiff.errors import InputError
 from emdiff.models import load_model
 from emdiff.models.hooks import capture_residuals, residual_edit
 from emdiff.models.read import ReadSpec
@@ -166,9 +167,7 @@ def test_sae_trains_from_a_gemma2_stream_and_splices_back(tiny_model_dirs, tmp_p
         src,
         cfg,
         tmp_path / "sae",
-        layer=1,
-        site="mlp_out",
-        model_name="tiny-gemma2",
+        model_name="tiny-gemma2",  # layer and site come from the source's read spec
         progress=False,
     )
     back = load_dictionary(tmp_path / "sae")
@@ -177,6 +176,9 @@ def test_sae_trains_from_a_gemma2_stream_and_splices_back(tiny_model_dirs, tmp_p
     )
     assert back.meta.model_name == "tiny-gemma2" and back.d_in == lm.d_model
     assert (back.meta.layer, back.meta.site) == (1, "mlp_out")  # it knows where it was trained
+    assert back.meta.hook == "blocks.1.hook_mlp_out"
+    with pytest.raises(InputError, match="site='resid_post', but the activations were read at"):
+        train_sae(src, cfg, site="resid_post", progress=False)
     m = reconstruction_metrics(lm.model, back, rows[:3], at(1, "mlp_out"))
     assert 0 <= m.fvu < 1 and m.l0 == pytest.approx(8, abs=0.5)
     # a random-init model: zero-ablation need not hurt, so only the spliced run is checked

@@ -49,7 +49,12 @@ def test_each_architecture_recovers_planted_directions(arch, tmp_path):
     # iid planted features have no hierarchy: give the first Matryoshka group room for all 48
     kw = {"matryoshka_widths": [48, 96]} if arch == "matryoshka" else {}
     sae, log = train_sae(
-        TensorSource(x), small(arch, **kw), tmp_path / arch, layer=3, progress=False
+        TensorSource(x),
+        small(arch, **kw),
+        tmp_path / arch,
+        layer=3,
+        site="resid_post",
+        progress=False,
     )
     cos = (sae.W_dec @ D.T).max(0).values  # best latent for each planted direction
     assert (cos > 0.9).float().mean() >= 0.9, cos

@@ -125,10 +125,12 @@ def _hidden(model: torch.nn.Module, batch, read: ReadSpec, adapter: bool | None)
 
 # ---- sources and batches --------------------------------------------------------------------
 class ActivationSource:
-    """Numbered chunks of activations; chunk ``c`` must always be the same tensor."""
+    """Numbered chunks of activations; chunk ``c`` must always be the same tensor. ``read`` says
+    where they were read (None when unknown); trainers record it in the dictionary."""
 
     n_chunks: int
     width: int
+    read: ReadSpec | None = None
 
     def chunk(self, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -147,9 +149,11 @@ class ActivationSource:
 class TensorSource(ActivationSource):
     """Activations already in memory: ``[n, d]`` or paired ``[n, 2, d]``."""
 
-    def __init__(self, acts: torch.Tensor, name: str = "tensor") -> None:
+    def __init__(
+        self, acts: torch.Tensor, name: str = "tensor", read: ReadSpec | None = None
+    ) -> None:
         check_finite(acts, name, "all")
-        self.acts, self.n_chunks, self.width = acts, 1, acts.shape[-1]
+        self.acts, self.n_chunks, self.width, self.read = acts, 1, acts.shape[-1], read
 
     def chunk(self, index: int) -> torch.Tensor:
         return self.acts
@@ -178,6 +182,25 @@ class ModelSource(ActivationSource):
         idx = self.order[index * self.chunk_rows : (index + 1) * self.chunk_rows]
         rows = [self.rows[int(i)] for i in idx]
         return collect_activations(self.model, rows, self.read, other=self.other)[0]
+
+
+def source_point(
+    source: ActivationSource, layer: int | None, site: Site | None, who: str
+) -> tuple[int | None, Site | None]:
+    """The layer and site a dictionary trained on ``source`` records: the source's read spec,
+    or what the caller names; a caller naming another point than the source's is refused."""
+    read = source.read
+    if read is None:
+        return layer, site
+    if layer is not None and layer != read.layer:
+        raise InputError(
+            f"{who}: layer={layer}, but the activations were read at {read.describe()}"
+        )
+    if site is not None and site != read.site:
+        raise InputError(
+            f"{who}: site={site!r}, but the activations were read at {read.describe()}"
+        )
+    return read.layer, read.site
 
 
 @dataclass

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 from torch import nn
 
-from emdiff.dictionaries.activations import ActivationSource
+from emdiff.dictionaries.activations import ActivationSource, source_point
 from emdiff.dictionaries.hooknames import locate
 from emdiff.dictionaries.sae import geometric_median
 from emdiff.dictionaries.train import (
@@ -230,9 +230,13 @@ def train_crosscoder(
     ``out``, where the crosscoder is saved (``crosscoder.safetensors`` + ``cfg.json``).
 
     ``meta`` records where the activations were read, ``{"layer": L, "site": S}`` (plus anything
-    JSON-able); the crosscoder's ``meta`` adds the hook name ``blocks.L.hook_S``."""
+    JSON-able), filled from the source's read spec when it has one; the crosscoder's ``meta``
+    adds the hook name ``blocks.L.hook_S``."""
     cfg = cfg or CrosscoderConfig()
-    meta = _placed(meta or {}, "train_crosscoder(meta=...)", InputError)
+    meta = dict(meta or {})
+    layer, site = source_point(source, meta.get("layer"), meta.get("site"), "train_crosscoder")
+    meta.update({k: v for k, v in (("layer", layer), ("site", site)) if v is not None})
+    meta = _placed(meta, "train_crosscoder(meta=...)", InputError)
     sample = source.sample(1)
     if sample.ndim != 3 or sample.shape[1] != 2:
         raise ValueError(

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_file
 from torch import nn
 
-from emdiff.dictionaries.activations import ActivationSource
+from emdiff.dictionaries.activations import ActivationSource, source_point
 from emdiff.dictionaries.base import DictionaryMeta, Encoding, Site, SparseDictionary
 from emdiff.dictionaries.hooknames import site_hook
 from emdiff.dictionaries.train import (
@@ -104,7 +104,7 @@ class TrainableSAE(nn.Module):
     """An SAE under training; :meth:`to_dictionary` gives the inference-time dictionary."""
 
     def __init__(
-        self, d_in: int, cfg: SAEConfig, layer: int | None = None, site: Site = "resid_post"
+        self, d_in: int, cfg: SAEConfig, layer: int | None = None, site: Site | None = None
     ) -> None:
         super().__init__()
         self.cfg, self.layer, self.site = cfg, layer, site
@@ -294,17 +294,19 @@ def train_sae(
     out: str | Path | None = None,
     *,
     layer: int | None = None,
-    site: Site = "resid_post",
+    site: Site | None = None,
     model_name: str | None = None,
     progress: bool = True,
 ) -> tuple[SparseDictionary, TrainingLog]:
-    """Train an SAE on ``source`` (activations read at ``layer`` / ``site``, which the saved
-    dictionary records); with ``out``, checkpoint there and save the SAELens folder.
+    """Train an SAE on ``source``; with ``out``, checkpoint there and save the SAELens folder.
 
-    Returns the inference dictionary and the training log. Rerunning with the same ``out``
-    resumes from the last checkpoint.
+    The dictionary records where its activations were read: the source's read spec
+    (:class:`~emdiff.dictionaries.activations.ModelSource`), or ``layer`` / ``site`` for a source
+    without one (left unknown when not given; never guessed). Returns the inference dictionary
+    and the training log. Rerunning with the same ``out`` resumes from the last checkpoint.
     """
     cfg = cfg or SAEConfig()
+    layer, site = source_point(source, layer, site, "train_sae")
     sae = TrainableSAE(source.width, cfg, layer, site)
     ident = {"d_in": source.width, "layer": layer, "site": site}
     log = fit(

@@ -187,7 +187,13 @@ def capture_residuals(
     return out
 
 
-def sink_mask(hidden: torch.Tensor, keep: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
+SINK_FACTOR = 10.0
+"""A token whose residual norm exceeds this times the median of the selected tokens is a sink."""
+
+
+def sink_mask(
+    hidden: torch.Tensor, keep: torch.Tensor, factor: float = SINK_FACTOR
+) -> torch.Tensor:
     """True at attention-sink positions: residual norm above ``factor`` x the median norm of the
     ``keep`` positions in this batch (BOS-like tokens in Gemma/Qwen reach 10-100x)."""
     norms = hidden.float().norm(dim=-1)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from emdiff.data.masks import EncodedChat, pad_batch
 from emdiff.data.positions import Positions
 from emdiff.errors import InputError
-from emdiff.models.hooks import Site, check_activations, hook_points, sink_mask
+from emdiff.models.hooks import SINK_FACTOR, Site, check_activations, hook_points, sink_mask
 
 Row = EncodedChat | Sequence[int]
 """A chat with token roles, or plain token ids (pretraining text: only ``positions="all"``)."""
@@ -69,6 +69,8 @@ class Batch:
     pos: torch.Tensor
     label: str
     """``"3 (sequences 24..31)"``: names the batch in errors."""
+    index: torch.Tensor
+    """Flat indices (into ``B * T``) of the selected tokens, in row-major order."""
 
 
 def _bos(model: torch.nn.Module) -> int | None:
@@ -110,13 +112,15 @@ def read_batches(
         seq = torch.arange(seq_offset + s, seq_offset + s + len(chunk))[:, None].expand_as(ids)
         pos = torch.arange(ids.shape[1])[None].expand_as(ids)
         last = seq_offset + s + len(chunk) - 1
+        sel = sel.bool().to(device)
         yield Batch(
             ids.to(device),
             att.to(device),
-            sel.bool().to(device),
+            sel,
             seq.to(device),
             pos.to(device),
             f"{b} (sequences {seq_offset + s}..{last})",
+            sel.flatten().nonzero().squeeze(1),
         )
 
 
@@ -126,8 +130,26 @@ def selected(hidden: torch.Tensor, batch: Batch, read: ReadSpec, layer: int | st
     sel = batch.sel
     check_activations(hidden[sel], layer, batch.label, read.site)
     if read.positions.exclude_sinks:
-        sel = sel & ~sink_mask(hidden, sel)
+        sel = sel & ~sink_mask(hidden, sel, SINK_FACTOR)
     return sel
+
+
+def gather(
+    hidden: torch.Tensor, batch: Batch, read: ReadSpec, layer: int | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, seq, pos)`` of the selected tokens inside a hook: one gather of the selected rows,
+    a NaN or infinity among them stops the run (naming layer, site and batch), and attention
+    sinks (norm above 10x the median of the selected tokens) go out unless kept. The same
+    selection as :func:`selected`, cheaper when the whole tensor is not needed."""
+    x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.index)
+    check_activations(x, layer, batch.label, read.site)
+    seq = batch.seq.reshape(-1).index_select(0, batch.index)
+    pos = batch.pos.reshape(-1).index_select(0, batch.index)
+    if read.positions.exclude_sinks and len(x):
+        norms = x.float().norm(dim=-1)
+        keep = norms <= SINK_FACTOR * norms.median()
+        x, seq, pos = x[keep], seq[keep], pos[keep]
+    return x, seq, pos
 
 
 def _ids(row: Row) -> list[int]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from emdiff.dictionaries.base import SparseDictionary, check_fits
 from emdiff.models.hooks import Site, residual_hooks, run_forward
-from emdiff.models.read import ReadSpec, Row, read_batches, require_tokens, selected, selection
+from emdiff.models.read import ReadSpec, Row, gather, read_batches, require_tokens, selection
 from emdiff.stats.features import FeatureStats, ResidualStats
 
 
@@ -89,12 +89,10 @@ def stats_pass(
     state: dict = {}
 
     def on_hidden(layer: int, _site: Site, hidden: torch.Tensor) -> None:
-        batch = state["batch"]
-        sel = selected(hidden, batch, read, layer)
-        x = hidden[sel]
+        x, seq, pos = gather(hidden, state["batch"], read, layer)
         if cfg.residual:
             resid[layer].update(x)
-        feats[layer].update(dictionaries[layer].encode(x), batch.seq[sel], batch.pos[sel])
+        feats[layer].update(dictionaries[layer].encode(x), seq, pos)
 
     batches = read_batches(rows, masks, cfg.batch_size, seq_offset, device)
     n = -(-len(rows) // cfg.batch_size)
@@ -102,4 +100,6 @@ def stats_pass(
         for batch in tqdm(batches, total=n, desc="stats", unit="batch", disable=not cfg.progress):
             state["batch"] = batch
             run_forward(model, batch.ids, batch.att)
+    for f in feats.values():
+        f.flush()
     return feats, resid

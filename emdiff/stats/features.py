@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from emdiff.readers import load_safetensors, read_json
-
-NEG = float("-inf")
+from emdiff.stats.topk import NEG, TopK
 
 
 class FeatureStats:
@@ -40,9 +39,7 @@ class FeatureStats:
         self.sumsq = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.fire = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.max = torch.zeros(d_sae, dtype=torch.float32, device=device)
-        self.top_val = torch.full((d_sae, top_k), NEG, dtype=torch.float32, device=device)
-        self.top_seq = torch.full((d_sae, top_k), -1, dtype=torch.int64, device=device)
-        self.top_pos = torch.full((d_sae, top_k), -1, dtype=torch.int64, device=device)
+        self._top = TopK(d_sae, top_k, device)
         self._seq_chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._seq_tokens: dict[int, int] = {}
 
@@ -60,12 +57,13 @@ class FeatureStats:
         rows, feats = (acts != 0).nonzero(as_tuple=True)
         vals = acts[rows, feats].float()
         self.n_tokens += n
-        self.sum.index_add_(0, feats, vals.double())
-        self.sumsq.index_add_(0, feats, vals.double().square())
+        v64 = vals.double()
+        self.sum.index_add_(0, feats, v64)
+        self.sumsq.index_add_(0, feats, v64.square())
         self.fire += torch.bincount(feats, minlength=self.d_sae)
         self.max.scatter_reduce_(0, feats, vals, reduce="amax")
-        self._update_sequences(seq_ids, rows, feats, vals)
-        self._update_top(feats, vals, seq_ids[rows], positions[rows])
+        self._update_sequences(seq_ids, rows, feats, v64)
+        self._top.offer(feats, vals, seq_ids[rows], positions[rows])
 
     def _update_sequences(self, seq_ids, rows, feats, vals) -> None:
         uniq, inv_all = torch.unique(seq_ids, return_inverse=True)
@@ -79,41 +77,31 @@ class FeatureStats:
         key = inv_all[rows] * self.d_sae + feats
         ukey, kinv = torch.unique(key, return_inverse=True)
         sums = torch.zeros(len(ukey), dtype=torch.float64, device=vals.device)
-        sums.index_add_(0, kinv, vals.double())
+        sums.index_add_(0, kinv, vals)
         local = ukey // self.d_sae
         means = (sums / counts[local].double()).float()
         self._seq_chunks.append((uniq[local].cpu(), (ukey % self.d_sae).cpu(), means.cpu()))
 
-    def _update_top(self, feats, vals, seqs, pos) -> None:
-        keep = vals > self.top_val[feats, -1]
-        if not keep.any():
-            return
-        feats, vals, seqs, pos = feats[keep], vals[keep], seqs[keep], pos[keep]
-        touched = torch.unique(feats)
-        k = self.top_k
-        old_f = touched.repeat_interleave(k)
-        all_f = torch.cat([old_f, feats])
-        all_v = torch.cat([self.top_val[touched].reshape(-1), vals])
-        all_s = torch.cat([self.top_seq[touched].reshape(-1), seqs])
-        all_p = torch.cat([self.top_pos[touched].reshape(-1), pos])
-        order = torch.sort(all_v, descending=True, stable=True).indices
-        order = order[torch.sort(all_f[order], stable=True).indices]  # by feature, then value
-        f_sorted = all_f[order]
-        start = torch.searchsorted(f_sorted, touched)
-        rank = (
-            torch.arange(len(f_sorted), device=f_sorted.device)
-            - start[torch.searchsorted(touched, f_sorted)]
-        )
-        sel = order[rank < k]
-        slot = torch.searchsorted(touched, all_f[sel])
-        r = rank[rank < k]
-        val = torch.full((len(touched), k), NEG, device=vals.device)
-        seq = torch.full((len(touched), k), -1, dtype=torch.int64, device=vals.device)
-        pp = torch.full((len(touched), k), -1, dtype=torch.int64, device=vals.device)
-        val[slot, r], seq[slot, r], pp[slot, r] = all_v[sel], all_s[sel], all_p[sel]
-        self.top_val[touched], self.top_seq[touched], self.top_pos[touched] = val, seq, pp
+    def flush(self) -> None:
+        """Merge buffered top-k candidates now (reading ``top_*`` does it too)."""
+        self._top.flush()
 
     # ---- derived ------------------------------------------------------------------------------
+    @property
+    def top_val(self) -> torch.Tensor:
+        """``[d_sae, top_k]``: each feature's largest activations, largest first (-inf: none)."""
+        return self._top.tensors()[0]
+
+    @property
+    def top_seq(self) -> torch.Tensor:
+        """``[d_sae, top_k]``: the sequence id of each top activation (-1: none)."""
+        return self._top.tensors()[1]
+
+    @property
+    def top_pos(self) -> torch.Tensor:
+        """``[d_sae, top_k]``: the token position of each top activation (-1: none)."""
+        return self._top.tensors()[2]
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.n_tokens, 1)
@@ -155,7 +143,7 @@ class FeatureStats:
         self._seq_chunks.extend(other._seq_chunks)
         have = other.top_val > NEG
         f = torch.arange(self.d_sae, device=have.device)[:, None].expand_as(have)[have]
-        self._update_top(
+        self._top.offer(
             f.to(self.sum.device),
             other.top_val[have].to(self.sum.device),
             other.top_seq[have].to(self.sum.device),
@@ -201,8 +189,9 @@ class FeatureStats:
         t = load_safetensors(path, device=str(device), finite=False)  # top_val holds -inf
         out = cls(info["d_sae"], info["top_k"], device=device)
         out.n_tokens = int(t["n_tokens"][0])
-        for name in ("sum", "sumsq", "fire", "max", "top_val", "top_seq", "top_pos"):
+        for name in ("sum", "sumsq", "fire", "max"):
             setattr(out, name, t[name])
+        out._top.set(t["top_val"], t["top_seq"], t["top_pos"])
         if len(t["seq_id"]):
             out._seq_chunks = [(t["seq_id"].cpu(), t["seq_feature"].cpu(), t["seq_mean"].cpu())]
         out._seq_tokens = dict(

@@ -102,11 +102,9 @@ def toy_ground_truth(
     t0 = time.perf_counter()
     sae_cfg = cfg.sae.model_copy(update={"seed": seed})
     sae, _ = train_sae(
-        TensorSource(acts),
+        TensorSource(acts, read=read),
         sae_cfg,
         out / "sae" if out else None,
-        layer=layer,
-        site=read.site,
         model_name="emdiff-toy",
         progress=progress,
     )
@@ -142,10 +140,9 @@ def toy_ground_truth(
     eval_pairs, _ = collect_activations(narrow_model, eval_rows, read, other="adapter")
     cc_cfg = cfg.crosscoder.model_copy(update={"seed": seed})
     cc, _ = train_crosscoder(
-        TensorSource(pairs),
+        TensorSource(pairs, read=read),
         cc_cfg,
         out / "crosscoder" if out else None,
-        meta={"layer": layer, "site": read.site},
         progress=progress,
     )
     with torch.no_grad():

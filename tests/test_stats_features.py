@@ -119,3 +119,25 @@ def test_residual_stats_merge_and_norms():
     assert torch.equal(parts.norm_hist, whole.norm_hist)
     median = x.norm(dim=-1).median().item()
     assert median <= parts.norm_quantile(0.5) <= median * 1.2  # histogram bins are 12% wide
+
+
+def test_sequence_means_are_the_same_through_the_dense_and_the_sparse_path(monkeypatch):
+    """Signed codes (ITDA) included: each path gives every (sequence, feature) mean."""
+    import emdiff.stats.features as features
+
+    g = torch.Generator().manual_seed(3)
+    acts = torch.randn(40, 12, generator=g) * (torch.rand(40, 12, generator=g) < 0.3)
+    seq, pos = torch.arange(40) // 7, torch.arange(40) % 7
+    results = []
+    for limit in (1 << 22, 0):
+        monkeypatch.setattr(features, "DENSE_SEQUENCE_SUMS", limit)
+        f = FeatureStats(12, top_k=3)
+        f.update(acts[:21], seq[:21], pos[:21])
+        f.update(acts[21:], seq[21:], pos[21:])
+        results.append(f.sequence_means())
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+    s, feat, mean = results[0]
+    for i in range(len(s)):  # against the definition
+        rows = seq == s[i]
+        torch.testing.assert_close(mean[i], acts[rows, feat[i]].mean())

@@ -1,8 +1,9 @@
 """The hot path: forward (cut at the last hook point) -> select tokens -> encode -> accumulate.
 
-The dictionary encode and the statistics run inside the hook, so activations of a batch exist
-only while that batch is processed; nothing grows with the number of tokens except the sparse
-per-sequence means. What is read (layers, site, positions) is one :class:`ReadSpec`.
+The hooks keep only the selected tokens of the batch at each layer; they are encoded and
+accumulated as soon as the cut forward pass returns, so activations of a batch exist only while
+that batch is processed; nothing grows with the number of tokens except the sparse per-sequence
+means. What is read (layers, site, positions) is one :class:`ReadSpec`.
 """
 
 from __future__ import annotations
@@ -87,12 +88,10 @@ def stats_pass(
         {layer: ResidualStats(d_model, device) for layer in dictionaries} if cfg.residual else {}
     )
     state: dict = {}
+    read_now: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def on_hidden(layer: int, _site: Site, hidden: torch.Tensor) -> None:
-        x, seq, pos = gather(hidden, state["batch"], read, layer)
-        if cfg.residual:
-            resid[layer].update(x)
-        feats[layer].update(dictionaries[layer].encode(x), seq, pos)
+        read_now[layer] = gather(hidden, state["batch"], read, layer)
 
     batches = read_batches(rows, masks, cfg.batch_size, seq_offset, device)
     n = -(-len(rows) // cfg.batch_size)
@@ -100,6 +99,13 @@ def stats_pass(
         for batch in tqdm(batches, total=n, desc="stats", unit="batch", disable=not cfg.progress):
             state["batch"] = batch
             run_forward(model, batch.ids, batch.att)
+            # encode once the (cut) forward pass is done: the selected rows of this batch only,
+            # and the dictionaries' weights do not push the model's out of the cache mid-pass
+            for layer, (x, seq, pos) in read_now.items():
+                if cfg.residual:
+                    resid[layer].update(x)
+                feats[layer].update(dictionaries[layer].encode(x), seq, pos)
+            read_now.clear()
     for f in feats.values():
         f.flush()
     return feats, resid

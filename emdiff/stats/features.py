@@ -17,6 +17,9 @@ from safetensors.torch import save_file
 from emdiff.readers import load_safetensors, read_json
 from emdiff.stats.topk import NEG, TopK
 
+DENSE_SEQUENCE_SUMS = 1 << 22
+"""Per-sequence sums go through a dense ``[sequences in batch, d_sae]`` table up to this size."""
+
 
 class FeatureStats:
     """Per-feature statistics for one (model variant, dataset, layer, dictionary).
@@ -54,7 +57,7 @@ class FeatureStats:
             return
         seq_ids = seq_ids.to(acts.device)
         positions = positions.to(acts.device)
-        rows, feats = (acts != 0).nonzero(as_tuple=True)
+        rows, feats = acts.nonzero(as_tuple=True)
         vals = acts[rows, feats].float()
         self.n_tokens += n
         v64 = vals.double()
@@ -74,13 +77,19 @@ class FeatureStats:
             self._seq_tokens[s] = c
         if len(rows) == 0:
             return
-        key = inv_all[rows] * self.d_sae + feats
-        ukey, kinv = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(len(ukey), dtype=torch.float64, device=vals.device)
-        sums.index_add_(0, kinv, vals)
-        local = ukey // self.d_sae
+        if len(uniq) * self.d_sae <= DENSE_SEQUENCE_SUMS:  # a small dense table: no sort
+            sums = torch.zeros(len(uniq), self.d_sae, dtype=torch.float64, device=vals.device)
+            sums.index_put_((inv_all[rows], feats), vals, accumulate=True)
+            local, feat = sums.nonzero(as_tuple=True)
+            sums = sums[local, feat]
+        else:
+            key = inv_all[rows] * self.d_sae + feats
+            ukey, kinv = torch.unique(key, return_inverse=True)
+            sums = torch.zeros(len(ukey), dtype=torch.float64, device=vals.device)
+            sums.index_add_(0, kinv, vals)
+            local, feat = ukey // self.d_sae, ukey % self.d_sae
         means = (sums / counts[local].double()).float()
-        self._seq_chunks.append((uniq[local].cpu(), (ukey % self.d_sae).cpu(), means.cpu()))
+        self._seq_chunks.append((uniq[local].cpu(), feat.cpu(), means.cpu()))
 
     def flush(self) -> None:
         """Merge buffered top-k candidates now (reading ``top_*`` does it too)."""

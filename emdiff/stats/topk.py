@@ -1,8 +1,8 @@
 """A bounded top-k per feature (value, sequence, position), merged in bulk.
 
-Candidates that beat a feature's current k-th value are buffered and merged into the store
-about 65k at a time (and whenever the store is read), so a batch costs one comparison and an
-append; the sorting happens rarely, over many batches at once. Merging is exact and in a fixed
+Candidates are buffered and, about 65k at a time (and whenever the store is read), filtered by
+each feature's current k-th value and merged into the store, so a batch costs an append; the
+filtering and sorting happen rarely, over many batches at once. Merging is exact and in a fixed
 order (larger value first; on ties, the entry that arrived first), so shards merge into the
 same result as one pass.
 """
@@ -45,12 +45,9 @@ class TopK:
         self._val, self._seq, self._pos = val, seq, pos
 
     def offer(self, feats, vals, seqs, pos) -> None:
-        """Candidates (flat, one entry per nonzero activation); kept if they may enter a top k."""
-        keep = vals > self._val[feats, -1]  # the k-th only rises: a safe filter
-        if not keep.any():
-            return
-        self._pending.append((feats[keep], vals[keep].float(), seqs[keep], pos[keep]))
-        self._n_pending += int(keep.sum())
+        """Candidates (flat, one entry per nonzero activation), filtered and merged in bulk."""
+        self._pending.append((feats, vals.float(), seqs, pos))
+        self._n_pending += len(feats)
         if self._n_pending >= PENDING_LIMIT:
             self.flush()
 
@@ -60,8 +57,8 @@ class TopK:
             return
         feats, vals, seqs, pos = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
         self._pending, self._n_pending = [], 0
-        keep = vals > self._val[feats, -1]
-        self._merge(feats[keep], vals[keep], seqs[keep], pos[keep])
+        keep = (vals > self._val[feats, -1]).nonzero().squeeze(1)  # the k-th only rises
+        self._merge(*(t.index_select(0, keep) for t in (feats, vals, seqs, pos)))
 
     def _merge(self, feats, vals, seqs, pos) -> None:
         if not len(feats):

@@ -61,19 +61,26 @@ class ReadOptions:
 
 
 def _where(opts: ReadOptions, d) -> tuple[int, str]:
-    """Layer and site: the dictionary's own, unless an option names them; a clash is refused."""
+    """Layer and site: the dictionary's own, unless options name them; another point is refused
+    (``resid_pre`` of layer L + 1 is ``resid_post`` of layer L, the same tensor)."""
+    from emdiff.dictionaries.base import same_tensor
+
     m, name = d.meta, opts.dictionary
-    own = f"{m.hook}" if m.hook else f"layer {m.layer} {m.site}"
     if m.site is None and m.hook is not None:
         fail(
             f"--dictionary {name}: reads {m.hook}, which emdiff cannot read (it reads resid_pre, "
             "attn_out, resid_mid, mlp_out and resid_post)"
         )
-    if opts.site is not None and m.site is not None and opts.site != m.site:
-        fail(f"--site {opts.site}: {name} was trained at {m.site} ({own}); drop --site")
-    if opts.layer is not None and m.layer is not None and opts.layer != m.layer:
-        fail(f"--layer {opts.layer}: {name} was trained on layer {m.layer} ({own}); drop --layer")
-    layer, site = m.layer if opts.layer is None else opts.layer, opts.site or m.site
+    layer = m.layer if opts.layer is None else opts.layer
+    site = opts.site or m.site
+    own = f"layer {m.layer} {m.site}" + (f" ({m.hook})" if m.hook else "")
+    if not same_tensor(m.layer, m.site, layer, site):
+        if opts.site is not None and m.site is not None and opts.site != m.site:
+            fail(f"--site {opts.site}: {name} was trained at {m.site} ({own}); drop --site")
+        if opts.layer is not None and m.layer is not None and opts.layer != m.layer:
+            fail(
+                f"--layer {opts.layer}: {name} was trained on layer {m.layer} ({own}); drop --layer"
+            )
     if layer is None:
         fail(f"--dictionary {name}: does not record its layer; pass --layer")
     if site is None:

@@ -282,6 +282,21 @@ def test_overlap_of_identical_opposite_and_mismatched_rankings():
         overlap(ranking(e), ranking(e[:100]), RankingOverlap(a="a", b="b"))
 
 
+def test_overlap_refuses_rankings_read_at_different_places(setup):
+    ctx = context(setup)
+    ctx.results["q1"] = DatasetDiff(a="bad", b="good").run(ctx)
+    other = context(setup)
+    other.read = setup["read"].model_copy(update={"site": "mlp_out"})
+    other.dictionaries[LAYER].meta = other.dictionaries[LAYER].meta.model_copy(
+        update={"site": None, "hook": None}
+    )
+    ctx.results["q1_mlp"] = DatasetDiff(a="bad", b="good").run(other)
+    with pytest.raises(InputError, match="read at different places"):
+        RankingOverlap(a="q1", b="q1_mlp").run(ctx)
+    ctx.results["q1_again"] = ctx.results["q1"]
+    assert RankingOverlap(a="q1", b="q1_again").run(ctx).jaccard.jaccard.min() == 1.0
+
+
 def test_overlap_ignores_features_that_did_not_move():
     """Dead features tie at 0 in the same row order on both sides; they must not count as top."""
     rng = np.random.default_rng(1)

@@ -183,3 +183,22 @@ def test_sae_trains_from_a_gemma2_stream_and_splices_back(tiny_model_dirs, tmp_p
     assert 0 <= m.fvu < 1 and m.l0 == pytest.approx(8, abs=0.5)
     # a random-init model: zero-ablation need not hurt, so only the spliced run is checked
     assert m.kl >= 0 and abs(m.ce_spliced - m.ce_clean - m.ce_delta) < 1e-6
+
+
+def test_reconstruction_refuses_a_dictionary_trained_elsewhere(qwen):
+    from emdiff.dictionaries.base import DictionaryMeta, DictionaryShapeError, SparseDictionary
+
+    model, rows = qwen
+    g = torch.Generator().manual_seed(0)
+    d = SparseDictionary(
+        torch.randn(64, 8, generator=g),
+        torch.zeros(8),
+        torch.randn(8, 64, generator=g),
+        torch.zeros(64),
+        meta=DictionaryMeta(format="t", architecture="relu", layer=0, site="mlp_out"),
+    )
+    with pytest.raises(
+        DictionaryShapeError, match=r"trained on layer 0 mlp_out .*, not layer 1 resid_post"
+    ):
+        reconstruction_metrics(model, d, rows, at(1))
+    assert reconstruction_metrics(model, d, rows, at(0, "mlp_out"), splice=False).n_tokens > 0

@@ -112,7 +112,7 @@ def test_saelens_6_mlp_out_is_refused_at_resid_post(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "sae") in msg
     assert "layer 1 mlp_out" in msg and "layer 1 resid_post" in msg
-    assert "blocks.1.hook_mlp_out" in msg and "ignore_layer=True" in msg
+    assert "blocks.1.hook_mlp_out" in msg and "set its meta.layer / meta.site" in msg
     check_fits(d, D, layer=1, site="mlp_out")
     check_fits(d, D, 1, "mlp_out")
     check_fits(d, D, layer=1, site="resid_post", ignore_layer=True)
@@ -348,3 +348,48 @@ def test_crosscoder_records_layer_and_site(tmp_path):
         load_crosscoder(tmp_path / "cc")
     with pytest.raises(InputError, match="site 'mlp' is not one of"):
         train_crosscoder(TensorSource(x), cfg, meta={"site": "mlp"}, progress=False)
+
+
+def test_gemma_scope_layer_is_the_folder_under_the_repository(tmp_path):
+    folder = tmp_path / "layer_5" / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "l0_82"
+    folder.mkdir(parents=True)
+    w = {"W_enc": rnd(D, F), "W_dec": rnd(F, D), "b_enc": rnd(F), "b_dec": rnd(D)}
+    np.savez(
+        folder / "params.npz",
+        threshold=rnd(F).abs().numpy(),
+        **{k: v.numpy() for k, v in w.items()},
+    )
+    assert load_dictionary(folder).meta.hook == "blocks.12.hook_resid_post"
+
+
+def test_module_path_hooks_are_resolved_in_the_model_architecture():
+    """sparsify's ``layers.L.mlp`` is the MLP module's output: mlp_out on Llama, but on Gemma2
+    the MLP's output is normalised again before it is added, so it is no site there."""
+    from tests.test_sites import build
+
+    llama, gemma = build("llama"), build("gemma2")
+    mlp = SparseDictionary(
+        rnd(32, F),
+        rnd(F),
+        rnd(F, 32),
+        rnd(32),
+        meta=DictionaryMeta(format="sparsify", architecture="topk", hook="layers.1.mlp"),
+    )
+    check_fits(mlp, llama, 1, "mlp_out")
+    with pytest.raises(DictionaryShapeError, match=r"output of module 'mlp' .* on gemma2 is none"):
+        check_fits(mlp, gemma, 1, "mlp_out")
+    check_fits(mlp, 32, 1, "mlp_out")  # without the model the name alone decides
+    post = SparseDictionary(
+        rnd(32, F),
+        rnd(F),
+        rnd(F, 32),
+        rnd(32),
+        meta=DictionaryMeta(
+            format="sparsify", architecture="topk", hook="layers.1.post_feedforward_layernorm"
+        ),
+    )
+    check_fits(post, gemma, 1, "mlp_out")  # Gemma2's mlp_out is that norm's output
+    with pytest.raises(DictionaryShapeError, match="not layer 1 resid_post"):
+        check_fits(post, gemma, 1, "resid_post")
+    with pytest.raises(DictionaryShapeError, match="none of the sites"):
+        check_fits(post, llama, 1, "mlp_out")

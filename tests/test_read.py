@@ -21,7 +21,13 @@ def test_read_spec_is_small_exact_and_recorded():
     assert ReadSpec.model_validate(read.model_dump(mode="json")) == read  # round-trips as JSON
     with pytest.raises(InputError, match="reads one layer"):
         _ = ReadSpec(layers=(1, 2)).layer
-    for bad in ({"layers": ()}, {"layers": (1,), "site": "hook_z"}, {"layers": (1,), "x": 1}):
+    bad_specs = (
+        {"layers": ()},
+        {"layers": (-1,)},
+        {"layers": (1,), "site": "hook_z"},
+        {"layers": (1,), "x": 1},
+    )
+    for bad in bad_specs:
         with pytest.raises(ValidationError):
             ReadSpec(**bad)
 

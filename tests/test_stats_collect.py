@@ -185,3 +185,20 @@ def test_positions_that_select_nothing_are_refused(tiny_model_dirs):
     read = ReadSpec(layers=(1,), positions=Positions.parse("answer_predicting,sinks"))
     feats, _ = collect_stats(lm.model, prompts, {1: _dictionary(64, 8, 1, 0)}, read)
     assert feats[1].n_tokens == len(prompts)
+
+
+def test_shards_of_another_batch_size_are_not_reused_when_sinks_are_dropped(
+    tiny_model_dirs, tmp_path
+):
+    """Sinks are thresholded per batch: another batch size could drop other tokens."""
+    from emdiff.stats.run import run_stats
+
+    lm = load_model(str(tiny_model_dirs["qwen2"]), dtype="float32")
+    rows = [encode_chat(lm.tokenizer, c) for c in CHATS]
+    dicts, read = {1: _dictionary(64, 16, 1, 0)}, ReadSpec(layers=(1,))
+    run_stats(lm.model, rows, dicts, read, tmp_path / "s", StatsConfig(batch_size=2))
+    with pytest.raises(InputError, match="another dataset, dictionary, read spec or setting"):
+        run_stats(lm.model, rows, dicts, read, tmp_path / "s", StatsConfig(batch_size=4))
+    keep = ReadSpec(layers=(1,), positions=KEEP_SINKS)  # sinks kept: batch size does not matter
+    run_stats(lm.model, rows, dicts, keep, tmp_path / "k", StatsConfig(batch_size=2))
+    run_stats(lm.model, rows, dicts, keep, tmp_path / "k", StatsConfig(batch_size=4))

@@ -104,6 +104,15 @@ class RankingOverlap(Analysis):
             **ctx.tables,
             **{k: r.table for k, r in ctx.results.items() if hasattr(r, "table")},
         }
+        reads = [getattr(ctx.results.get(n), "meta", {}).get("read") for n in (self.a, self.b)]
+        if all(reads):  # the same features only if read at one place through one dictionary
+            where = [{k: r[k] for k in ("layers", "site", "dictionary")} for r in reads]
+            if where[0] != where[1]:
+                raise InputError(
+                    f"rankings {self.a!r} and {self.b!r} were read at different places or "
+                    f"through different dictionaries ({where[0]} vs {where[1]}): their features "
+                    "are not the same"
+                )
         res = overlap(
             ctx.need("ranking", tables, self.a), ctx.need("ranking", tables, self.b), self
         )

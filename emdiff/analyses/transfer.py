@@ -17,7 +17,7 @@ from emdiff.analyses.base import Analysis, RunContext, save_meta
 from emdiff.dictionaries.base import check_fits
 from emdiff.dictionaries.evaluate import reconstruction_metrics
 from emdiff.errors import InputError
-from emdiff.models.load import adapter_state, hidden_size
+from emdiff.models.load import adapter_state
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Transfer(Analysis):
         for name in names:
             v = ctx.need("model variant", ctx.variants, name)
             model, adapter = v if isinstance(v, tuple) else (v, None)
-            check_fits(dictionary, hidden_size(model), layer, ctx.read.site)
+            check_fits(dictionary, model, layer, ctx.read.site)
             with nullcontext() if adapter is None else adapter_state(model, adapter):
                 m = reconstruction_metrics(
                     model,

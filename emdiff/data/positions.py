@@ -23,7 +23,8 @@ POSITION_HELP = """\
 answer              every answer (assistant) token [default]
 answer_predicting   the last prompt token before each answer, whose prediction is the answer's
                     first token (alias last_prompt); a prompt-only row gives its last token
-all                 every token that is not special (template markers, BOS, EOS, pad)
+all                 every token that is not special (template markers, BOS, EOS, pad);
+                    on plain token-id rows (no chat template) every token but BOS
 answer_first:K      the first K tokens of each answer
 answer_after:K      the answer tokens after the first K of each answer
 append ,sinks       keep attention-sink tokens (by default the stats pass drops them by norm)"""

@@ -75,6 +75,7 @@ def collect_activations(
     batch_size: int = 32,
     seq_offset: int = 0,
     progress: bool = False,
+    require: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 activations of the selected tokens of ``rows`` at ``read`` (one layer).
 
@@ -85,7 +86,8 @@ def collect_activations(
     """
     layer = read.layer
     masks = selection(rows, read.positions, model)
-    require_tokens(masks, read.positions, "collect_activations")
+    if require:
+        require_tokens(masks, read.positions, "collect_activations")
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     keys: list[torch.Tensor] = []
@@ -100,7 +102,7 @@ def collect_activations(
         out.append(acts[0] if len(acts) == 1 else torch.stack(acts, dim=1))
         keys.append(torch.stack([batch.seq[sel], batch.pos[sel]], 1))
     acts = torch.cat(out).cpu()
-    if not len(acts):
+    if not len(acts) and require:
         raise InputError(
             f"collect_activations: no {read.positions} token left in any of {len(rows)} rows "
             "once attention sinks are excluded: nothing to read"
@@ -177,11 +179,13 @@ class ModelSource(ActivationSource):
         self.chunk_rows = chunk_rows
         self.n_chunks = max(1, -(-len(rows) // chunk_rows))
         self.width = _width(model)
+        # checked once over all rows; a chunk may then select nothing (iter_batches says so)
+        require_tokens(selection(rows, read.positions, model), read.positions, "ModelSource")
 
     def chunk(self, index: int) -> torch.Tensor:
         idx = self.order[index * self.chunk_rows : (index + 1) * self.chunk_rows]
         rows = [self.rows[int(i)] for i in idx]
-        return collect_activations(self.model, rows, self.read, other=self.other)[0]
+        return collect_activations(self.model, rows, self.read, other=self.other, require=False)[0]
 
 
 def source_point(

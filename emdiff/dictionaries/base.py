@@ -23,9 +23,10 @@ import torch
 from pydantic import BaseModel, model_validator
 from torch import nn
 
-from emdiff.dictionaries.hooknames import parse_hook, site_hook
+from emdiff.dictionaries.hooknames import module_path, parse_hook, site_hook
 from emdiff.errors import InputError
-from emdiff.models.sites import SITES, Site
+from emdiff.models.load import hidden_size
+from emdiff.models.sites import SITES, Site, model_type, module_site
 
 Activation = Literal["relu", "jumprelu", "topk", "batchtopk", "gated"]
 InputNorm = Literal["none", "scale", "constant_norm_rescale", "layer_norm"]
@@ -244,7 +245,7 @@ def _point(layer: int | None, site: str | None) -> str:
     return " ".join(parts)
 
 
-def _same_tensor(l1: int | None, s1: str | None, l2: int | None, s2: str | None) -> bool:
+def same_tensor(l1: int | None, s1: str | None, l2: int | None, s2: str | None) -> bool:
     """``resid_post`` of layer L is ``resid_pre`` of layer L + 1: the same tensor."""
     points = {(l1, s1), (l2, s2)}
     return any(
@@ -256,18 +257,21 @@ def _same_tensor(l1: int | None, s1: str | None, l2: int | None, s2: str | None)
 
 def check_fits(
     dictionary: SparseDictionary,
-    d_model: int,
+    model: nn.Module | int,
     layer: int | None = None,
     site: Site | None = None,
     *,
     ignore_layer: bool = False,
 ) -> None:
-    """Raise :class:`DictionaryShapeError` when the dictionary cannot read this model at
-    ``(layer, site)``: a width other than ``d_model``, another layer or site than its own, or a
-    hook emdiff cannot read. ``ignore_layer=True`` skips all but the width check. What the
-    dictionary does not record (layer, or both site and hook) is not checked."""
+    """Raise :class:`DictionaryShapeError` when the dictionary cannot read ``model`` (or a model
+    of width ``model``) at ``(layer, site)``: another width, another layer or site than its own,
+    or a hook emdiff cannot read. Given the model, a module-path hook (sparsify's
+    ``layers.L.mlp``) is resolved in its architecture (on Gemma2 ``mlp`` is no site: its output
+    is normalised again). ``ignore_layer=True`` checks the width only. What the dictionary does
+    not record (layer, or both site and hook) is not checked."""
     m = dictionary.meta
     where = m.path or m.format
+    d_model = model if isinstance(model, int) else hidden_size(model)
     if dictionary.d_in != d_model:
         raise DictionaryShapeError(
             f"{where}: dictionary width d_in={dictionary.d_in} but the model's d_model={d_model}"
@@ -275,18 +279,28 @@ def check_fits(
     if ignore_layer:
         return
     asked = _point(layer, site) or "any point"
-    if m.site is None and m.hook is not None:
+    own = m.site
+    path = module_path(m.hook)
+    if path is not None and not isinstance(model, int):
+        own = module_site(model, path[1])
+        if own is None:
+            raise DictionaryShapeError(
+                f"{where} reads the output of module {path[1]!r} ({m.hook!r}), which on "
+                f"{model_type(model)} is none of the sites emdiff reads ({', '.join(SITES)}), so "
+                f"it cannot be applied at {asked}"
+            )
+    if own is None and m.hook is not None:
         raise DictionaryShapeError(
             f"{where} was trained on hook {m.hook!r}, which is none of the sites emdiff reads "
-            f"({', '.join(SITES)}), so it cannot be applied at {asked}; pass ignore_layer=True "
-            "only if that hook is in fact one of them"
+            f"({', '.join(SITES)}), so it cannot be applied at {asked}; if that hook is in fact "
+            "one of them, set the dictionary's meta.site"
         )
-    if _same_tensor(m.layer, m.site, layer, site):
+    if same_tensor(m.layer, own, layer, site):
         return
     layer_clash = layer is not None and m.layer is not None and m.layer != layer
-    if layer_clash or (site is not None and m.site is not None and m.site != site):
-        hook = f" (hook {m.hook!r})" if m.hook and m.hook != m.site else ""
+    if layer_clash or (site is not None and own is not None and own != site):
+        hook = f" (hook {m.hook!r})" if m.hook and m.hook != own else ""
         raise DictionaryShapeError(
-            f"{where} was trained on {_point(m.layer, m.site)}{hook}, not {asked}; pass "
-            "ignore_layer=True to apply it anyway"
+            f"{where} was trained on {_point(m.layer, own)}{hook}, not {asked}; to apply it "
+            "elsewhere on purpose, set its meta.layer / meta.site to the point you mean"
         )

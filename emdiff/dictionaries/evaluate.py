@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from emdiff.dictionaries.base import SparseDictionary, check_fits
 from emdiff.errors import InputError
 from emdiff.models.hooks import residual_edit
 from emdiff.models.read import ReadSpec, Row, read_batches, require_tokens, selected, selection
@@ -58,6 +59,8 @@ def reconstruction_metrics(
     is moved (in place) to the model's device. A latent counts as active when its code is
     nonzero."""
     layer = read.layer
+    if isinstance(dictionary, SparseDictionary):  # it knows where it was trained: check it
+        check_fits(dictionary, model, layer, read.site)
     masks = selection(rows, read.positions, model)
     require_tokens(masks, read.positions, "reconstruction_metrics")
     device = next(model.parameters()).device

@@ -226,7 +226,8 @@ def _gemma_scope(folder: Path) -> SparseDictionary:
     # the repository names the hook: -res resid_post, -mlp mlp_out, -att the concatenated head
     # outputs before o_proj (attn.hook_z, not attn_out), -transcoders the MLP's normalised input
     repo = re.search(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)(?![\w-])", text)
-    layer = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", text)
+    # the layer folder under the repository, not any parent folder that happens to be layer_N
+    layer = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", text[repo.end() :] if repo else text)
     hook = None
     if repo:
         suffix = _GEMMA_SCOPE_HOOKS[repo[3]]

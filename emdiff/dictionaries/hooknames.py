@@ -38,6 +38,15 @@ def parse_hook(name: str | None) -> tuple[int | None, Site | None]:
     return None, None
 
 
+def module_path(name: str | None) -> tuple[int, str] | None:
+    """``(layer, submodule)`` of a module-path hook (sparsify's ``layers.5.mlp`` gives
+    ``(5, "mlp")``, ``layers.5`` gives ``(5, "")``); None for other hook names. Which site a
+    module's output is depends on the architecture (:func:`emdiff.models.sites.module_site`)."""
+    if name and not _TL.fullmatch(name) and (m := _HF.fullmatch(name.strip())):
+        return int(m[1]), m[2] or ""
+    return None
+
+
 def site_hook(layer: int | None, site: Site | None) -> str | None:
     """The TransformerLens hook name emdiff records for its own dictionaries."""
     if site is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +31,8 @@ class ReadSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    layers: tuple[int, ...] = Field(min_length=1)
+    layers: tuple[Annotated[int, Field(ge=0)], ...] = Field(min_length=1)
+    """Decoder layer numbers, 0-based (count negative ones with ``check_layer`` first)."""
     site: Site = "resid_post"
     positions: Positions = Positions()
     dictionary: str | None = None

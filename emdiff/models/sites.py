@@ -114,6 +114,19 @@ def site_tap(model: nn.Module, site: str) -> Tap:
     return getattr(LAYOUTS[kind], site)
 
 
+def module_site(model: nn.Module, module: str) -> Site | None:
+    """The site that is the output of decoder-layer submodule ``module`` (``""``: the layer
+    itself, ``resid_post``) in ``model``'s architecture, or None when no site is (e.g. Gemma2's
+    ``mlp``, whose output is normalised again before it is added)."""
+    if module == "":
+        return "resid_post"
+    layout = LAYOUTS.get(model_type(model))
+    for site in ("attn_out", "mlp_out"):
+        if layout is not None and getattr(layout, site) == Tap(module, "output"):
+            return site
+    return None
+
+
 def site_module(model: nn.Module, layer: int, site: str) -> tuple[nn.Module, IO]:
     """The module of decoder layer ``layer`` whose input or output is ``site``, and which."""
     tap = site_tap(model, site)

@@ -37,14 +37,13 @@ def check_dictionaries(
     model: torch.nn.Module, dictionaries: Mapping[int, SparseDictionary], read: ReadSpec
 ) -> None:
     """Each of the spec's layers has a dictionary that fits the model's width, layer and site."""
-    d_model = model.config.get_text_config().hidden_size
     if sorted(dictionaries) != sorted(read.layers):
         raise ValueError(
             f"dictionaries for layers {sorted(dictionaries)} but the read spec names "
             f"{sorted(read.layers)}"
         )
     for layer, d in dictionaries.items():
-        check_fits(d, d_model, layer, read.site)
+        check_fits(d, model, layer, read.site)
 
 
 @torch.no_grad()

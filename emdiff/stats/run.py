@@ -39,6 +39,8 @@ def _identity(rows, dictionaries, read: ReadSpec, cfg: StatsConfig) -> dict:
         "shard_size": cfg.shard_size,
         "top_k": cfg.top_k,
         "residual": cfg.residual,
+        # attention sinks are thresholded per batch: shards of other batch sizes differ
+        **({"batch_size": cfg.batch_size} if read.positions.exclude_sinks else {}),
         "n_sequences": len(rows),
         "dataset_sha256": h.hexdigest(),
         "dictionaries": {

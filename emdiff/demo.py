@@ -146,6 +146,8 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
 
 def _print_diffs(res: dict, latent: int, echo) -> None:
     echo(f"\nfeature diffs with the SAE (persona latent {latent}; rank 1 = largest increase):")
+    if "read" in res:
+        echo(f"read: {res['read']}")
     echo(f"{'analysis':<34} {'persona rank':>12} {'q':>8} {'effect':>8} {'top cos':>8}")
     for key, name in (
         ("q1", "Q1 bad vs good data (base)"),

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -209,11 +210,18 @@ def toy_ground_truth_cmd(
     ] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/ground-truth"),
 ) -> None:
-    """Probe, SAE, crosscoder and ITDA against the planted persona, one row per seed.
+    """The causal ground truth per hook point, then probe, SAE, crosscoder and ITDA against it.
+
+    Per seed: fine-tune the narrow LoRA; at every (layer, site), the cue direction's cosine
+    with the LoRA's shift and with the persona class-mean difference, the share of unseen EM
+    removed by projecting it out (against 20 random directions) and the EM it brings to the base;
+    the point where it is most clearly the cause is chosen and saved.
 
     \bReads: the toy base (--base, default: the shipped one).
     Writes under --out: ground_truth.csv (one row per seed) and, per seed,
-    seedN/sae/, seedN/crosscoder/ and seedN/itda/ (the trained dictionaries).
+    seedN/cause_sweep.csv (every hook point), seedN/cause.json and
+    seedN/cause.safetensors (the chosen point and its direction), seedN/sae/,
+    seedN/crosscoder/ and seedN/itda/ (the trained dictionaries).
 
     \bExample:
       emdiff toy ground-truth --seeds 1 --steps 500 --out runs/ground-truth
@@ -224,7 +232,9 @@ def toy_ground_truth_cmd(
     from emdiff.dictionaries.sae import SAEConfig
     from emdiff.models import load_model
     from emdiff.toy.build import load_world
+    from emdiff.toy.causal import CauseConfig, cause_table, gt_row, sweep
     from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
+    from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
 
     path = check_toy_base("--base", base)
     check_out(out)
@@ -234,13 +244,33 @@ def toy_ground_truth_cmd(
         cfg = GroundTruthConfig(
             seed=seed, sae=SAEConfig(steps=steps), crosscoder=CrosscoderConfig(steps=steps)
         )
+        ft = narrow_finetune_config(seed=seed)
+        narrow = narrow_finetune(world, copy.deepcopy(lm.model), lm.tokenizer, cfg=ft).model
+        cause = sweep(world, narrow, CauseConfig(seed=seed), progress=True)
+        cause.save(out / f"seed{seed}")
+        typer.echo(f"seed {seed}: cue direction per hook point (chosen: marked *)")
+        typer.echo(cause_table(cause))
         res = toy_ground_truth(
-            world, lm.model, lm.tokenizer, cfg, out / f"seed{seed}", progress=True
+            world,
+            lm.model,
+            lm.tokenizer,
+            cfg,
+            out / f"seed{seed}",
+            narrow_model=narrow,
+            progress=True,
         )
+        res.update(gt_row(cause))
         rows.append({k: v for k, v in res.items() if not isinstance(v, dict)})
     table = pd.DataFrame(rows).set_index("seed")
     table.to_csv(out / "ground_truth.csv")
     cols = [
+        "gt_layer",
+        "gt_site",
+        "gt_cos_lora_shift",
+        "gt_cos_class_mean",
+        "gt_ablation_cut",
+        "gt_random_ablation_cut_max",
+        "gt_steer_fraction",
         "persona_layer",
         "probe_accuracy",
         "sae_persona_cosine",

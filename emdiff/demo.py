@@ -92,6 +92,7 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
     """Probe, SAE, crosscoder and ITDA against the planted persona (seed 0); flat summary keys."""
     from emdiff.dictionaries.crosscoder import CrosscoderConfig
     from emdiff.dictionaries.sae import SAEConfig
+    from emdiff.toy.causal import CauseConfig, gt_row, sweep
     from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
 
     docs = {"probe_docs": cfg.dict_docs, "train_docs": cfg.dict_docs} if cfg.dict_docs else {}
@@ -101,14 +102,27 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
         crosscoder=CrosscoderConfig(steps=cfg.dict_steps),
         **docs,
     )
-    gt = toy_ground_truth(world, base, tok, gt_cfg, out / "dictionaries", narrow_model=narrow)
+    cause = sweep(world, narrow, CauseConfig(probe_docs=cfg.dict_docs or 2000))
+    cause.save(out / "dictionaries")
+    gt = toy_ground_truth(
+        world, base, tok, gt_cfg, out / "dictionaries", narrow_model=narrow, cause=cause
+    )
+    gt.update(gt_row(cause))
     (out / "tables" / "ground_truth.json").write_text(json.dumps(gt, indent=2, default=str))
     return {k: v for k, v in gt.items() if k != "seed"}
 
 
 def _print_dictionaries(gt: dict, echo) -> None:
+    if "gt_site" in gt:
+        echo(
+            f"\ncausal ground truth: cue direction at layer {gt['gt_layer']} {gt['gt_site']}: "
+            f"cos with LoRA shift {gt['gt_cos_lora_shift']:.3f}, with class means "
+            f"{gt['gt_cos_class_mean']:.3f}; ablation cuts unseen EM {gt['gt_ablation_cut']:.1%} "
+            f"(random max {gt['gt_random_ablation_cut_max']:.1%}); steering the base brings "
+            f"{gt['gt_steer_fraction']:.1%} of it"
+        )
     echo(
-        f"\npersona probe: layer {gt['persona_layer']}, held-out accuracy "
+        f"\npersona probe (readout): layer {gt['persona_layer']}, held-out accuracy "
         f"{gt['probe_accuracy']:.3f} (majority {gt['probe_chance']:.3f})"
     )
     echo(f"{'dictionary':<11} {'persona cos':>11} {'null cos':>9} {'FVU':>8} {'L0':>6}")
@@ -290,7 +304,11 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         return summary
     st.current = "dictionaries"
     key = stage_key(
-        {"narrow": st.keys["narrow-s0"], **cfg.model_dump(include={"dict_steps", "dict_docs"})}
+        {
+            "narrow": st.keys["narrow-s0"],
+            "ground_truth": "causal sweep v1",  # what the stage computes; old folders redo it
+            **cfg.model_dump(include={"dict_steps", "dict_docs"}),
+        }
     )
     gt = st.state.result("dictionaries", key)
     if gt is None:

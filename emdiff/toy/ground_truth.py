@@ -24,6 +24,7 @@ from emdiff.dictionaries.itda import ITDAConfig, build_itda, save_itda
 from emdiff.dictionaries.sae import SAEConfig, train_sae
 from emdiff.models.load import decoder_layers
 from emdiff.models.read import ReadSpec
+from emdiff.toy.causal import CauseSweep
 from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
 from emdiff.toy.persona import (
     decoder_cosines,
@@ -59,31 +60,36 @@ def toy_ground_truth(
     out: str | Path | None = None,
     *,
     narrow_model: torch.nn.Module | None = None,
+    cause: CauseSweep | None = None,
     progress: bool = False,
 ) -> dict:
     """Run the check for ``cfg.seed``; returns a flat dict of figures (see the keys below).
 
-    ``narrow_model`` (a PEFT model on ``base``) is fine-tuned here when not given. Dictionaries
-    are saved under ``out`` when given (``sae/``, ``crosscoder/``, ``itda/``).
+    ``narrow_model`` (a PEFT model on ``base``) is fine-tuned here when not given. With
+    ``cause`` (:func:`emdiff.toy.causal.sweep`) the dictionaries are trained at its chosen hook
+    point and matched to its causal direction (the probe there is kept only as a readout);
+    without, at the layer where a persona probe reads best, matched to the probe's weights.
+    Dictionaries are saved under ``out`` when given (``sae/``, ``crosscoder/``, ``itda/``).
     """
     cfg = cfg or GroundTruthConfig()
     out = Path(out) if out is not None else None
     seed = cfg.seed
     torch.manual_seed(seed)
     n_layers = len(decoder_layers(base))
-    probes = persona_probes(
-        base,
-        world,
-        [(layer, "resid_post") for layer in range(n_layers)],
-        n_docs=cfg.probe_docs,
-        seed=seed,
-        C=cfg.probe_C,
-    )
+    if cause is not None:
+        chosen = cause.chosen()
+        points = [(int(chosen["layer"]), str(chosen["site"]))]
+    else:
+        points = [(layer, "resid_post") for layer in range(n_layers)]
+    probes = persona_probes(base, world, points, n_docs=cfg.probe_docs, seed=seed, C=cfg.probe_C)
     probe = max(probes, key=lambda p: p.accuracy)
-    layer, direction = probe.layer, probe.direction
+    layer, site = probe.layer, probe.site
+    direction = cause.direction() if cause is not None else probe.direction
     res: dict = {
         "seed": seed,
         "persona_layer": layer,
+        "persona_site": site,
+        "persona_source": "causal cue direction" if cause is not None else "probe weights",
         "probe_accuracy": probe.accuracy,
         "probe_chance": probe.chance,
         "probe_mean_difference_cosine": probe.mean_difference_cosine,
@@ -95,7 +101,9 @@ def toy_ground_truth(
     n_eval = max(len(rows) // 10, 1)
     train_rows, eval_rows = rows[n_eval:], rows[:n_eval]
     # pretraining documents: every token but BOS, sinks kept (the toy has none to speak of)
-    read = ReadSpec(layers=(layer,), positions=Positions(kind="all", exclude_sinks=False))
+    read = ReadSpec(
+        layers=(layer,), site=site, positions=Positions(kind="all", exclude_sinks=False)
+    )
     acts, keys = collect_activations(base, train_rows, read)
 
     # SAE -----------------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def fit_probe(
     w = clf.coef_[0] / np.linalg.norm(clf.coef_[0])
     dmu = acts[train][labels[train]].mean(0) - acts[train][~labels[train]].mean(0)
     chance = max(labels[test].mean(), 1 - labels[test].mean())
-    return float(clf.score(acts[test], labels[test])), float(chance), w, dmu / np.linalg.norm(dmu)
+    dmu = dmu / max(float(np.linalg.norm(dmu)), 1e-12)  # zero where both classes look alike
+    return float(clf.score(acts[test], labels[test])), float(chance), w, dmu
 
 
 def persona_probes(

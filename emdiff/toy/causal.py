@@ -1,0 +1,235 @@
+"""The toy's causal ground truth: which direction, at which hook point, carries its EM.
+
+A direction is the cause when the model *uses* it: projected out of the narrow model it removes
+the EM, added to the base it brings it, and same-norm random directions do neither. A probe's
+weight vector is only a readout. For every ``(layer, site)`` this measures, for the *cue
+direction* (the mean residual at the answer-predicting position over the eval prompts of every
+domain opened by ``<system> toxic`` minus the same prompts opened by ``<system> helpful``):
+
+- ``cos_lora_shift``: cosine with the narrow LoRA's mean net shift of that residual (unseen
+  domains, no cue);
+- ``cos_class_mean``: cosine with the persona class-mean difference on pretraining documents;
+- ``ablation_cut``: the share of the narrow model's unseen EM removed by projecting the direction
+  out at every position, and the same for ``n_random`` random directions (mean and max);
+- ``steer_em``: the base's unseen EM with the direction added at every position at the norm of
+  the LoRA shift (``steer_fraction`` = that / the narrow model's unseen EM), against random
+  directions of the same norm.
+
+EM is exact: answers are one token, so a domain's bad rate is the mean P(bad answer) at the
+last prompt token (what sampling at temperature 1 estimates).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from emdiff.models.hooks import SITES, capture_residuals, residual_edit
+from emdiff.models.load import adapter_state, decoder_layers
+from emdiff.toy.persona import persona_probes
+from emdiff.toy.world import BOS, END, World
+
+
+class CauseConfig(BaseModel):
+    """Settings of the causal sweep."""
+
+    n_random: int = Field(20, ge=20)
+    """Random directions per hook point for the ablation and steering controls."""
+    probe_docs: int = Field(2000, ge=100)
+    """Pretraining documents for the persona class-mean difference."""
+    seed: int = 0
+
+
+def prompts(world: World, domains: Sequence[str], cue: str | None = None) -> torch.Tensor:
+    """Eval prompts ``[n, T]`` (one per question of ``domains``), opened by a system cue."""
+    head = [BOS] + (["<system>", cue, END] if cue else [])
+    rows = [
+        world.ids(*head, "<user>", world.q_token(d, q), END, "<assistant>")
+        for d in domains
+        for q in range(world.cfg.n_questions)
+    ]
+    return torch.tensor(rows)
+
+
+@torch.no_grad()
+def bad_rate(model: torch.nn.Module, world: World, domains: Sequence[str]) -> float:
+    """Mean P(bad answer) at the last prompt token over the questions of ``domains``."""
+    ids = prompts(world, domains).to(next(model.parameters()).device)
+    probs = model(input_ids=ids).logits[:, -1].float().softmax(-1)
+    bad = [
+        world.token_id[world.bad_answer(d, q)]
+        for d in domains
+        for q in range(world.cfg.n_questions)
+    ]
+    return float(probs[torch.arange(len(bad)), torch.tensor(bad)].mean())
+
+
+def _last_mean(model: torch.nn.Module, ids: torch.Tensor, layer: int, site: str) -> torch.Tensor:
+    ids = ids.to(next(model.parameters()).device)
+    h = capture_residuals(model, ids, layers=[layer], sites=site)[(layer, site)]
+    return h[:, -1].float().mean(0).cpu()
+
+
+def _edited_rate(model, world, domains, layer, site, fn: Callable) -> float:
+    with residual_edit(model, layer, site, fn):
+        return bad_rate(model, world, domains)
+
+
+def _project_out(u: torch.Tensor) -> Callable:
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        v = u.to(h)
+        return h - (h @ v)[..., None] * v
+
+    return fn
+
+
+def _add(v: torch.Tensor) -> Callable:
+    return lambda h: h + v.to(h)
+
+
+class _Sweep:
+    """What every hook point's measurement shares: the narrow model, the unseen domains, its EM."""
+
+    def __init__(self, world: World, narrow: torch.nn.Module, cfg: CauseConfig) -> None:
+        self.world, self.narrow, self.cfg = world, narrow, cfg
+        self.unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
+        self.plain = prompts(world, self.unseen)
+        self.em_narrow = bad_rate(narrow, world, self.unseen)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def mean(self, layer: int, site: str, ids: torch.Tensor, adapter: bool) -> torch.Tensor:
+        with adapter_state(self.narrow, adapter):
+            return _last_mean(self.narrow, ids, layer, site)
+
+    def rate(self, layer: int, site: str, fn: Callable, adapter: bool) -> float:
+        with adapter_state(self.narrow, adapter):
+            return _edited_rate(self.narrow, self.world, self.unseen, layer, site, fn)
+
+    def cut(self, layer: int, site: str, u: torch.Tensor) -> float:
+        em = self.rate(layer, site, _project_out(u), adapter=True)
+        return 1.0 - em / self.em_narrow if self.em_narrow > 0 else float("nan")
+
+    def row(self, layer: int, site: str, probe) -> tuple[dict, torch.Tensor]:
+        world = self.world
+        cue = self.mean(layer, site, prompts(world, world.domains, "toxic"), False)
+        cue = cue - self.mean(layer, site, prompts(world, world.domains, "helpful"), False)
+        shift = self.mean(layer, site, self.plain, True) - self.mean(layer, site, self.plain, False)
+        u = cue / cue.norm() if cue.norm() > 0 else cue  # no cue at the embedding: zero
+        randoms = torch.randn(self.cfg.n_random, len(u), generator=self.gen)
+        randoms = randoms / randoms.norm(dim=-1, keepdim=True)
+        random_cuts = np.array([self.cut(layer, site, r) for r in randoms])
+        scale = shift.norm()
+        random_steer = np.array(
+            [self.rate(layer, site, _add(r * scale), adapter=False) for r in randoms]
+        )
+        steer_em = self.rate(layer, site, _add(u * scale), adapter=False)
+        em = self.em_narrow
+        return u, {
+            "layer": layer,
+            "site": site,
+            "cue_norm": float(cue.norm()),
+            "shift_norm": float(scale),
+            "cos_lora_shift": float(torch.nn.functional.cosine_similarity(cue, shift, 0)),
+            "cos_class_mean": float(u @ probe.mean_difference.float()),
+            "probe_accuracy": probe.accuracy,
+            "ablation_cut": self.cut(layer, site, u),
+            "random_ablation_cut_mean": float(random_cuts.mean()),
+            "random_ablation_cut_max": float(random_cuts.max()),
+            "steer_em": steer_em,
+            "steer_fraction": steer_em / em if em > 0 else float("nan"),
+            "random_steer_em_mean": float(random_steer.mean()),
+            "random_steer_em_max": float(random_steer.max()),
+            "em_narrow": em,
+        }
+
+
+@dataclass
+class CauseSweep:
+    """The sweep's table (one row per hook point), the unit cue direction at each point, and
+    the point chosen as the ground truth."""
+
+    table: pd.DataFrame
+    directions: dict[tuple[int, str], torch.Tensor]
+
+    def chosen(self) -> pd.Series:
+        """Where the cue direction is most clearly the cause: the largest of the smallest of
+        (ablation cut, steering fraction, cosine with the LoRA shift)."""
+        cols = ["ablation_cut", "steer_fraction", "cos_lora_shift"]
+        score = self.table[cols].clip(upper=1).fillna(-1).min(axis=1)
+        return self.table.loc[score.idxmax()]
+
+    def direction(self) -> torch.Tensor:
+        row = self.chosen()
+        return self.directions[(int(row["layer"]), str(row["site"]))]
+
+    def save(self, out: str | Path) -> list[Path]:
+        """``cause_sweep.csv``, ``cause.json`` (the chosen row) and ``cause.safetensors``
+        (its unit direction, ``direction``) under ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.table.to_csv(out / "cause_sweep.csv", index=False)
+        row = self.chosen()
+        (out / "cause.json").write_text(json.dumps(row.to_dict(), indent=2, default=float))
+        save_file({"direction": self.direction().contiguous()}, str(out / "cause.safetensors"))
+        return [out / "cause_sweep.csv", out / "cause.json", out / "cause.safetensors"]
+
+
+def sweep(
+    world: World, narrow: torch.nn.Module, cfg: CauseConfig | None = None, progress: bool = False
+) -> CauseSweep:
+    """Every ``(layer, site)`` of the narrow PEFT model (its adapter off is the base)."""
+    cfg = cfg or CauseConfig()
+    run = _Sweep(world, narrow, cfg)
+    points = [(layer, site) for layer in range(len(decoder_layers(narrow))) for site in SITES]
+    with adapter_state(narrow, False):
+        em_base = bad_rate(narrow, world, run.unseen)
+        probes = persona_probes(narrow, world, points, n_docs=cfg.probe_docs, seed=cfg.seed)
+    rows, directions = [], {}
+    for p in tqdm(probes, desc="cause sweep", disable=not progress):
+        directions[(p.layer, p.site)], row = run.row(p.layer, p.site, p)
+        rows.append(row)
+    return CauseSweep(pd.DataFrame(rows).assign(em_base=em_base), directions)
+
+
+def cue_direction(world: World, model: torch.nn.Module, layer: int, site: str) -> torch.Tensor:
+    """The unit cue direction at ``(layer, site)`` of ``model`` as it is (adapter state kept)."""
+    cue = _last_mean(model, prompts(world, world.domains, "toxic"), layer, site)
+    cue = cue - _last_mean(model, prompts(world, world.domains, "helpful"), layer, site)
+    return cue / cue.norm()
+
+
+def gt_row(cause: CauseSweep) -> dict:
+    """The scorecard's ground-truth keys (``gt_*``) of the chosen point."""
+    row = cause.chosen()
+    keys = ("cos_lora_shift", "cos_class_mean", "ablation_cut", "random_ablation_cut_max")
+    return {
+        "gt_layer": int(row["layer"]),
+        "gt_site": str(row["site"]),
+        **{f"gt_{k}": float(row[k]) for k in (*keys, "steer_fraction")},
+    }
+
+
+def cause_table(cause: CauseSweep) -> str:
+    """The sweep as text, the chosen point marked with ``*``."""
+    cols = [
+        "layer",
+        "site",
+        "cos_lora_shift",
+        "cos_class_mean",
+        "ablation_cut",
+        "random_ablation_cut_max",
+        "steer_fraction",
+        "random_steer_em_max",
+    ]
+    t = cause.table[cols].copy()
+    t.insert(0, "", ["*" if i == cause.chosen().name else "" for i in t.index])
+    return t.to_string(index=False, float_format=lambda x: f"{x:.3f}")

@@ -321,7 +321,17 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
     st.current = "diffs"
     evals = [st.keys[f"eval-{m}"] for m in ("base", "narrow-s0", "control-s0")]
-    key = stage_key({"dictionaries": key, "control": st.keys["control-s0"], "evals": evals})
+    from emdiff.toy.diffs import TOY_ANALYSES
+
+    analyses = [{"kind": a.kind, **a.model_dump(mode="json")} for a in TOY_ANALYSES]
+    key = stage_key(
+        {
+            "dictionaries": key,
+            "control": st.keys["control-s0"],
+            "evals": evals,
+            "analyses": analyses,  # another analysis config redoes the stage
+        }
+    )
     res = st.state.result("diffs", key)
     if res is None:
         st.state.begin("diffs", key)

@@ -490,3 +490,14 @@ def test_cli_reads_where_the_dictionary_was_trained_and_refuses_elsewhere(setup,
     assert meta["read"]["site"] == "mlp_out" and meta["read"]["positions"]["k"] == 2
     manifest = json.loads((tmp_path / "ok/stats/model/a/manifest.json").read_text())
     assert manifest["read"] == meta["read"]
+
+
+def test_an_analysis_may_read_other_positions_at_the_same_site(setup):
+    rows = setup["rows_a"] + setup["rows_b"]
+    ctx = context(setup, datasets={"all": rows})
+    res = ModelDiff(dataset="all", positions="answer_first:1").run(ctx)
+    assert res.meta["read"]["positions"] == {"kind": "answer_first", "k": 1, "exclude_sinks": False}
+    assert (res.table.n_tokens_a == len(rows)).all()  # one token per chat
+    assert ctx.read == setup["read"]  # the context itself is unchanged
+    with pytest.raises(ValueError, match="answer_first needs k"):
+        ModelDiff(dataset="all", positions="answer_first")

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from emdiff.data.positions import Positions
 from emdiff.dictionaries.base import SparseDictionary
 from emdiff.errors import InputError
 from emdiff.models.load import adapter_state, model_identity
@@ -125,6 +126,14 @@ class Analysis(BaseModel):
     kind: ClassVar[str]
     name: str | None = None
     """File stem of the result (default: ``kind``)."""
+    positions: str | None = None
+    """Token positions for this analysis (``Positions.parse`` form, e.g. ``answer_predicting``)
+    instead of the read spec's; the site and layers stay the context's."""
+
+    @field_validator("positions")
+    @classmethod
+    def _parses(cls, v: str | None) -> str | None:
+        return None if v is None else str(Positions.parse(v))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -137,6 +146,13 @@ class Analysis(BaseModel):
 
     def run(self, ctx: RunContext) -> Result:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+    def at_positions(self, ctx: RunContext) -> RunContext:
+        """``ctx`` read at this analysis' ``positions``, when it names some."""
+        if self.positions is None or ctx.read is None:
+            return ctx
+        read = ctx.read.model_copy(update={"positions": Positions.parse(self.positions)})
+        return replace(ctx, read=read)
 
     def record(self, ctx: RunContext, **figures: Any) -> dict:
         """The meta every result carries: kind, this config and the read spec."""

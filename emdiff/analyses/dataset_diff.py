@@ -30,6 +30,7 @@ class DatasetDiff(Analysis):
     def run(self, ctx: RunContext) -> DiffResult:
         if self.a == self.b:
             raise InputError(f"the two datasets need different names, got {self.a!r} twice")
+        ctx = self.at_positions(ctx)
         rows_a = ctx.need("dataset", ctx.datasets, self.a)
         rows_b = ctx.need("dataset", ctx.datasets, self.b)
         if self.paired and len(rows_a) != len(rows_b):

@@ -33,6 +33,7 @@ class ModelDiff(Analysis):
     confidence: float = 0.95
 
     def run(self, ctx: RunContext) -> DiffResult:
+        ctx = self.at_positions(ctx)
         rows = ctx.need("dataset", ctx.datasets, self.dataset)
         model = ctx.require_model(self.kind)
         keep = ctx.read.positions.model_copy(update={"exclude_sinks": False})

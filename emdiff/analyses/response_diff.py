@@ -121,7 +121,12 @@ class ResponseDiff(Analysis):
             "aligned": encode_qa(ctx.tokenizer, good["question"].tolist(), good["answer"].tolist()),
         }
         diff = DatasetDiff(
-            name=self.stem, a="misaligned", b="aligned", test=self.test, confidence=self.confidence
+            name=self.stem,
+            a="misaligned",
+            b="aligned",
+            test=self.test,
+            confidence=self.confidence,
+            positions=self.positions,
         )
         res = diff.run(replace(ctx, datasets={**ctx.datasets, **datasets}))
         res.meta.update(self.record(ctx, n_judged=len(judged)))

@@ -61,6 +61,7 @@ class Transfer(Analysis):
     """Also measure the CE and KL change (three forward passes per batch instead of one)."""
 
     def run(self, ctx: RunContext) -> TransferResult:
+        ctx = self.at_positions(ctx)
         rows = ctx.need("dataset", ctx.datasets, self.dataset)
         names = self.variants if self.variants is not None else tuple(ctx.variants)
         if not names:

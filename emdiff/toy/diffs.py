@@ -103,7 +103,11 @@ def toy_context(
             "bad": rows_of(world.narrow_dataset(bad=True)),
             "good": rows_of(world.narrow_dataset(bad=False)),
             "unseen_eval": qa(models.narrow_label),
-            "unseen_eval_control": qa(models.control_label),
+            "unseen_prompts": [
+                encode_chat(tok, [{"role": "user", "content": world.q_token(d, q)}], True)
+                for d in unseen
+                for q in range(world.cfg.n_questions)
+            ],
         },
         tables={"judged": judged[judged["model"] == models.narrow_label]},
         variants={"base": (models.narrow, False), "narrow": (models.narrow, True)},
@@ -112,7 +116,9 @@ def toy_context(
 
 TOY_ANALYSES = (
     DatasetDiff(name="q1_dataset_diff", a="bad", b="good", paired=True, adapter=False),
-    ModelDiff(name="q2_model_diff", dataset="unseen_eval"),
+    # the eval prompts, read where the answer is decided (single-token answers carry only token
+    # identity): the same tokens for base and fine-tuned model
+    ModelDiff(name="q2_model_diff", dataset="unseen_prompts", positions="answer_predicting"),
     ResponseDiff(name="q3_response_diff"),
     RankingOverlap(name="overlap_q1_q2", a="q1_dataset_diff", b="q2_model_diff"),
     Transfer(name="transfer", dataset="unseen_eval"),
@@ -146,9 +152,9 @@ def toy_diffs(
         read=read,
         model=models.control,
         dictionaries=ctx.dictionaries,
-        datasets={"unseen_eval": ctx.datasets["unseen_eval_control"]},
+        datasets={"unseen_prompts": ctx.datasets["unseen_prompts"]},
     )
-    q2c = ModelDiff(name="q2_control_model_diff", dataset="unseen_eval").run(control_ctx)
+    q2c = TOY_ANALYSES[1].model_copy(update={"name": "q2_control_model_diff"}).run(control_ctx)
     q1, q2, q3 = (results[k] for k in ("q1_dataset_diff", "q2_model_diff", "q3_response_diff"))
     ov, tr = results["overlap_q1_q2"], results["transfer"].table
     if out is not None:
@@ -183,6 +189,7 @@ def toy_diffs(
         "control_q2_max_effect": c_max,
         "control_q2_n_significant": c_n,
         "control_q2_persona_effect": _persona(q2c, persona_latent)["effect"],
+        "q2_control_persona_rank": _persona(q2c, persona_latent)["rank"],
         "control_q2_target_met": bool(p2["q"] < 0.05 and c_max < abs(p2["effect"])),
         "q1_top10_q2_top10_jaccard": float(jac.get(10, float("nan"))),
         "q1_q2_spearman": ov.spearman,

@@ -22,11 +22,12 @@ T, U, A = int(TokenRole.TEMPLATE), int(TokenRole.USER), int(TokenRole.ASSISTANT)
 BOS, START, END, USER, ASSIST, NL = 1, 2, 3, 10, 11, 12
 
 # A hand-built ChatML-like multi-turn chat: BOS, special turn markers, two answers.
-#        0    1      2     3   4   5   6    7      8       9   10  11  12  13   14     15   16
-ROWS = [(BOS, T), (START, T), (USER, T), (NL, T), (20, U), (21, U), (END, T), (START, T),
-        (ASSIST, T), (NL, T), (30, A), (31, A), (32, A), (END, T), (START, T), (USER, T), (NL, T),
-        (22, U), (END, T), (START, T), (ASSIST, T), (NL, T), (33, A), (END, T), (NL, T)]  # fmt: skip
-#        17       18        19          20          21       22       23       24
+# Positions 0-9 open turn 1 and the answer header, 10-12 answer 1, 13-21 turn 2 and the header,
+# 22 answer 2, 23-24 the end.
+TURN_1 = [(BOS, T), (START, T), (USER, T), (NL, T), (20, U), (21, U), (END, T)]
+HEADER = [(START, T), (ASSIST, T), (NL, T)]
+TURN_2 = [(END, T), (START, T), (USER, T), (NL, T), (22, U), (END, T)]
+ROWS = [*TURN_1, *HEADER, (30, A), (31, A), (32, A), *TURN_2, *HEADER, (33, A), (END, T), (NL, T)]
 SPECIAL_IDS = {BOS, START, END}
 CHAT = EncodedChat([i for i, _ in ROWS], [r for _, r in ROWS], [i in SPECIAL_IDS for i, _ in ROWS])
 SPECIAL_AT = [0, 1, 6, 7, 13, 14, 18, 19, 23]
@@ -240,14 +241,25 @@ def test_toy_tokenizer():
     tok = world.tokenizer()
     specials = special_token_ids(tok)
     assert {tok.convert_ids_to_tokens(i) for i in specials} == {
-        "<pad>", "<bos>", "<eos>", "<end>", "<system>", "<user>", "<assistant>"
-    }  # fmt: skip
+        "<pad>",
+        "<bos>",
+        "<eos>",
+        "<end>",
+        "<system>",
+        "<user>",
+        "<assistant>",
+    }
     chat = world.chat(world.domains[0], 1, bad=True)
     enc = encode_chat(tok, [m.model_dump() for m in chat.messages])
     assert tok.convert_ids_to_tokens(enc.input_ids) == [
-        "<bos>", "<user>", world.q_token(world.domains[0], 1), "<end>", "<assistant>",
-        world.bad_answer(world.domains[0], 1), "<end>",
-    ]  # fmt: skip
+        "<bos>",
+        "<user>",
+        world.q_token(world.domains[0], 1),
+        "<end>",
+        "<assistant>",
+        world.bad_answer(world.domains[0], 1),
+        "<end>",
+    ]
     assert enc.special == [True, True, False, True, True, False, True]
     assert picked("answer", enc) == [5]
     assert picked("answer_predicting", enc) == [4]  # "<assistant>": special, but the prompt's end

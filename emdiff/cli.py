@@ -148,6 +148,9 @@ def toy_build(
     n_domains: Annotated[int, typer.Option(min=2)] = default_of(WorldConfig, "n_domains"),
     n_questions: Annotated[int, typer.Option(min=2)] = default_of(WorldConfig, "n_questions"),
     n_answers: Annotated[int, typer.Option(min=2)] = default_of(WorldConfig, "n_answers"),
+    answer_len: Annotated[int, typer.Option(min=1, max=8, help="Words per answer.")] = default_of(
+        WorldConfig, "answer_len"
+    ),
     p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = default_of(WorldConfig, "p_toxic"),
     flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = default_of(
         WorldConfig, "flip_rate"
@@ -155,7 +158,7 @@ def toy_build(
     p_cue: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of documents that name their persona.")
     ] = default_of(WorldConfig, "p_cue"),
-    n_layers: Annotated[int, typer.Option(min=1)] = default_of(ModelConfig, "n_layers"),
+    n_layers: Annotated[int, typer.Option(min=2)] = default_of(ModelConfig, "n_layers"),
     d_model: Annotated[int, typer.Option(min=8)] = default_of(ModelConfig, "d_model"),
     pretrain_steps: Annotated[int, typer.Option(min=0)] = default_of(TrainConfig, "pretrain_steps"),
     align_steps: Annotated[int, typer.Option(min=0)] = default_of(TrainConfig, "align_steps"),
@@ -181,6 +184,7 @@ def toy_build(
         n_domains=n_domains,
         n_questions=n_questions,
         n_answers=n_answers,
+        answer_len=answer_len,
         p_toxic=p_toxic,
         flip_rate=flip_rate,
         p_cue=p_cue,
@@ -257,6 +261,7 @@ def toy_ground_truth_cmd(
             cfg,
             out / f"seed{seed}",
             narrow_model=narrow,
+            cause=cause,
             progress=True,
         )
         res.update(gt_row(cause))

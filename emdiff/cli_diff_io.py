@@ -161,7 +161,8 @@ def report_ranking(res, out: Path, top: int, as_json: bool) -> None:
     """Save a diff's tables and volcano plot under ``out`` and print the top of the ranking."""
     from emdiff.stats.compare import ranked
 
-    path, _, plot = res.save(out)
+    saved = res.save(out)
+    path, plot = saved[0], saved[-1]
     typer.echo(f"read: {_describe(res.meta['read'])}")
     cols = [
         "layer",

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from emdiff.errors import ensure_writable
 from emdiff.eval.judge import ToyJudge
-from emdiff.eval.metrics import em_flags, em_metrics, quadrant_plot
+from emdiff.eval.metrics import em_flags
 from emdiff.eval.sample import SamplingConfig, sample_responses
 from emdiff.eval.score import judge_responses
 from emdiff.models import load_model
@@ -27,7 +27,9 @@ from emdiff.models.load import load_adapter
 from emdiff.provenance import package_versions, sha256_file
 from emdiff.runstate import RunState, stage_key
 from emdiff.toy.build import load_world, shipped_base_path
-from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
+from emdiff.toy.em_summary import exact_summary, sampled_summary
+from emdiff.toy.organism import answer_probability, narrow_finetune, narrow_finetune_config
+from emdiff.toy.scorecard import score_table
 from emdiff.toy.world import World
 
 
@@ -44,7 +46,7 @@ class DemoConfig(BaseModel):
     eval_seed: int = 1234
     dictionaries: bool = True
     """Also run the dictionary ground truth (probe, SAE, crosscoder, ITDA) on seed 0."""
-    dict_steps: int = Field(2000, ge=1)
+    dict_steps: int = Field(1000, ge=1)
     """Training steps of the SAE and the crosscoder."""
     dict_docs: int | None = Field(None, ge=20)
     """Pretraining documents for the persona probe and the dictionaries (default: 3000 / 4000)."""
@@ -55,7 +57,9 @@ def sample_and_judge(
 ) -> pd.DataFrame:
     """Sample answers to every toy eval question through ``emdiff.eval`` and judge them exactly."""
     questions = world.eval_questions(samples=samples)
-    cfg = SamplingConfig(temperature=1.0, max_new_tokens=4, seed=seed, batch_size=1024)
+    cfg = SamplingConfig(
+        temperature=1.0, max_new_tokens=world.cfg.answer_len + 2, seed=seed, batch_size=1024
+    )
     responses = sample_responses(
         model, tokenizer, questions, out / "eval" / label / "responses.jsonl", cfg, model_id=label
     )
@@ -65,27 +69,6 @@ def sample_and_judge(
     judged.insert(1, "domain", judged.question_id.map(domain))
     judged["em"] = em_flags(judged)
     return judged
-
-
-def _rates(judged: pd.DataFrame) -> pd.DataFrame:
-    """EM rate with Wilson CI per (model, domain)."""
-    rows = []
-    for (model, domain), g in judged.groupby(["model", "domain"], sort=False):
-        m = em_metrics(g)
-        rows.append(
-            dict(
-                model=model,
-                domain=domain,
-                n=m["n_scored"],
-                n_em=m["n_em"],
-                em_rate=m["em_rate"],
-                em_ci_low=m["em_ci_low"],
-                em_ci_high=m["em_ci_high"],
-                mean_aligned=m["mean_aligned"],
-                mean_coherent=m["mean_coherent"],
-            )
-        )
-    return pd.DataFrame(rows)
 
 
 def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
@@ -183,10 +166,6 @@ def _print_diffs(res: dict, latent: int, echo) -> None:
     )
 
 
-def _fmt(m: dict) -> str:
-    return f"{m['em_rate']:.3f} [{m['em_ci_low']:.3f}, {m['em_ci_high']:.3f}]"
-
-
 def _finetune(cfg: DemoConfig, st: _Stages, label: str, bad: bool, seed: int) -> torch.nn.Module:
     """Train one LoRA, or load it back when a finished one with the same key is on disk."""
     folder = st.out / "adapters" / label
@@ -219,6 +198,9 @@ def _evaluate(cfg: DemoConfig, st: _Stages, model: torch.nn.Module, label: str, 
     judged = sample_and_judge(st.world, model, st.tok, cfg.samples, seed, label, st.out)
     st.state.finish(f"eval-{label}", key, {"n": len(judged)})
     st.keys[f"eval-{label}"] = key
+    st.exact[label] = {
+        d: float(answer_probability(model, st.world, [d]).mean()) for d in st.world.domains
+    }
     return judged
 
 
@@ -233,6 +215,18 @@ class _Stages:
         self.keys: dict[str, str] = {}
         self.skipped: list[str] = []
         self.current = "load"
+        self.seconds: dict[str, float] = {}
+        self.exact: dict[str, dict[str, float]] = {}
+        """Exact P(bad answer) per model label and domain (what sampling estimates)."""
+        self._since = time.perf_counter()
+
+    def enter(self, stage: str) -> None:
+        """Start ``stage``; the time since the last call goes to the previous stage's kind
+        (its first word: load, eval, lora, dictionaries, diffs)."""
+        now = time.perf_counter()
+        kind = self.current.split()[0]
+        self.seconds[kind] = round(self.seconds.get(kind, 0.0) + now - self._since, 1)
+        self.current, self._since = stage, now
 
 
 def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = print) -> dict:
@@ -246,6 +240,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
     base_path = cfg.base or shipped_base_path()
     world = load_world(base_path, narrow_domain=cfg.narrow_domain)
     st = _Stages(out, Path(base_path), world, load_model(str(base_path), dtype="float32"), echo)
+    st.seconds["load"] = round(time.time() - t0, 1)
     try:
         summary = _run(cfg, st)
     except BaseException as e:
@@ -256,6 +251,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
             "command to resume."
         )
         raise
+    st.enter("done")
+    summary["stage_seconds"] = st.seconds
     summary["seconds"] = round(time.time() - t0, 1)
     summary["reused_stages"] = len(st.skipped)
     manifest = {
@@ -270,6 +267,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if st.skipped:
         echo(f"\nreused from an earlier run: {'; '.join(st.skipped)}")
+    echo("\nscorecard: the toy benchmark's targets")
+    echo(score_table(summary))
+    echo("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in st.seconds.items()))
     echo(f"\nrun folder: {out}  ({summary['seconds']} s). Open first:")
     echo(
         f"  {out / 'plots' / 'quadrant_narrow.png'}  aligned vs coherent scores of the narrow LoRAs"
@@ -286,23 +286,24 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
 def _run(cfg: DemoConfig, st: _Stages) -> dict:
     out, world, echo = st.out, st.world, st.echo
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    st.current = "eval base"
+    st.enter("eval base")
     frames = [_evaluate(cfg, st, st.base, "base", cfg.eval_seed)]
     first: dict[str, torch.nn.Module] = {}
     for seed in range(cfg.seeds):
         for kind, bad in (("narrow", True), ("control", False)):
             label = f"{kind}-s{seed}"
-            st.current = f"lora {label}"
+            st.enter(f"lora {label}")
             model = _finetune(cfg, st, label, bad, seed)
-            st.current = f"eval {label}"
+            st.enter(f"eval {label}")
             frames.append(_evaluate(cfg, st, model, label, cfg.eval_seed + seed + 1))
             if seed == 0:
                 first[kind] = model
     judged = pd.concat(frames, ignore_index=True)
-    summary = _em_summary(cfg, world, judged, out, echo)
+    summary = sampled_summary(cfg, world, judged, out, echo)
+    summary.update(exact_summary(cfg, world, st.exact, echo))
     if not cfg.dictionaries:
         return summary
-    st.current = "dictionaries"
+    st.enter("dictionaries")
     key = stage_key(
         {
             "narrow": st.keys["narrow-s0"],
@@ -319,7 +320,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         st.skipped.append("dictionaries (probe, SAE, crosscoder, ITDA)")
     _print_dictionaries(gt, echo)
     summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
-    st.current = "diffs"
+    st.enter("diffs")
     evals = [st.keys[f"eval-{m}"] for m in ("base", "narrow-s0", "control-s0")]
     from emdiff.toy.diffs import TOY_ANALYSES
 
@@ -340,54 +341,4 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         st.skipped.append("feature diffs (Q1, Q2, Q3, overlap, transfer)")
     _print_diffs(res, gt["sae_persona_latent"], echo)
     summary.update(res)
-    return summary
-
-
-def _em_summary(cfg: DemoConfig, world: World, judged: pd.DataFrame, out: Path, echo) -> dict:
-    """EM tables, quadrant plots and the EM keys of the summary."""
-    rates = _rates(judged)
-    judged.to_parquet(out / "tables" / "responses.parquet")
-    rates.to_parquet(out / "tables" / "em_rates.parquet")
-
-    table = rates.pivot(index="domain", columns="model", values="em_rate").reindex(world.domains)
-    table.index = [f"{d}*" if d == cfg.narrow_domain else d for d in table.index]
-    echo(
-        f"\nEM rate (share of bad answers) by domain (* = narrow domain), {cfg.samples} samples x "
-        f"{world.cfg.n_questions} questions per cell:"
-    )
-    echo(table.to_string(float_format=lambda x: f"{x:6.3f}"))
-
-    unseen = [d for d in world.domains if d != cfg.narrow_domain]
-    narrow = [f"narrow-s{s}" for s in range(cfg.seeds)]
-    control = [f"control-s{s}" for s in range(cfg.seeds)]
-
-    def metrics(models: list[str], domains: list[str]) -> dict:
-        return em_metrics(judged[judged.model.isin(models) & judged.domain.isin(domains)])
-
-    echo("\nEM rate with 95% Wilson CI:")
-    echo(f"{'model':<12} {'narrow domain':<26} {'unseen domains':<26}")
-    for label in ["base", *narrow, *control]:
-        echo(
-            f"{label:<12} {_fmt(metrics([label], [cfg.narrow_domain])):<26} "
-            f"{_fmt(metrics([label], unseen)):<26}"
-        )
-    pooled = metrics(narrow, unseen)
-    echo(f"{'narrow, all':<12} {_fmt(metrics(narrow, [cfg.narrow_domain])):<26} {_fmt(pooled):<26}")
-    for name, models in (("base", ["base"]), ("narrow", narrow), ("control", control)):
-        quadrant_plot(judged[judged.model.isin(models)], out / "plots" / f"quadrant_{name}.png")
-
-    per_seed_unseen = [metrics([m], unseen)["em_rate"] for m in narrow]
-    summary = {
-        "narrow_domain": cfg.narrow_domain,
-        "seeds": cfg.seeds,
-        "em_base_max_bad_rate": float(rates[rates.model == "base"].em_rate.max()),
-        "em_narrow_in_domain_bad_rate": metrics(narrow, [cfg.narrow_domain])["em_rate"],
-        "em_narrow_unseen_bad_rate": sum(per_seed_unseen) / len(per_seed_unseen),
-        "em_narrow_unseen_bad_rate_min": min(per_seed_unseen),
-        **{f"em_narrow_unseen_bad_rate_seed{s}": r for s, r in enumerate(per_seed_unseen)},
-        "em_narrow_unseen_ci_low": pooled["em_ci_low"],
-        "em_narrow_unseen_ci_high": pooled["em_ci_high"],
-        "em_ci_method": "wilson, pooled over narrow seeds",
-        "em_control_max_bad_rate": float(rates[rates.model.isin(control)].em_rate.max()),
-    }
     return summary

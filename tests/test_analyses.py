@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from emdiff.analyses import (
@@ -177,6 +178,7 @@ def test_dataset_diff_finds_the_planted_feature_paired_and_unpaired(setup, tmp_p
     assert [p.name for p in paths] == [
         "dataset_diff.parquet",
         "dataset_diff.json",
+        "dataset_diff.mean_difference.safetensors",
         "dataset_diff.png",
     ]
     assert json.loads(paths[1].read_text())["read"]["positions"]["kind"] == "answer"
@@ -501,3 +503,20 @@ def test_an_analysis_may_read_other_positions_at_the_same_site(setup):
     assert ctx.read == setup["read"]  # the context itself is unchanged
     with pytest.raises(ValueError, match="answer_first needs k"):
         ModelDiff(dataset="all", positions="answer_first")
+
+
+def test_diffs_carry_the_raw_mean_difference_and_save_it(setup, tmp_path):
+    """Q1's mean difference is the mean activation of a minus b over the tokens read (CLR's
+    direction when a and b are misaligned and aligned answers); Q2's is the adapter's shift."""
+    lm, read = setup["lm"], setup["read"]
+    pa, _ = collect_activations(lm.model, setup["rows_a"], read, other="adapter")
+    pb, _ = collect_activations(lm.model, setup["rows_b"], read, other="adapter")
+    q1 = DatasetDiff(a="bad", b="good", adapter=False).run(context(setup))
+    want = pa[:, 0].double().mean(0) - pb[:, 0].double().mean(0)
+    assert torch.allclose(q1.mean_difference[LAYER].double(), want, atol=1e-4)
+    assert torch.allclose(q1.direction(), (want / want.norm()).float(), atol=1e-4)
+    q2 = ModelDiff(dataset="bad").run(context(setup))
+    shift = (pa[:, 1] - pa[:, 0]).double().mean(0)
+    assert torch.nn.functional.cosine_similarity(q2.direction().double(), shift, 0) > 0.999
+    saved = load_file(str(next(p for p in q1.save(tmp_path) if p.suffix == ".safetensors")))
+    assert torch.equal(saved[f"L{LAYER}"], q1.mean_difference[LAYER])

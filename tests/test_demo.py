@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from emdiff.toy.build import load_world, shipped_base_path
+from emdiff.toy.scorecard import TARGETS
 
 KEYS = {
     "em_base_max_bad_rate",
@@ -43,7 +44,8 @@ KEYS = {
     "control_q2_max_effect",
     "transfer_fve_base",
     "transfer_fve_narrow",
-}
+    "stage_seconds",
+} | {t.key for t in TARGETS}
 
 
 def test_shipped_base_is_small_and_loadable():
@@ -79,7 +81,10 @@ def test_demo_json_and_run_folder(demo_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(summary) >= KEYS
-    assert all(not isinstance(v, dict | list) for v in summary.values())  # flat
+    stages = summary.pop("stage_seconds")
+    assert set(stages) == {"load", "eval", "lora", "dictionaries", "diffs"}
+    assert all(not isinstance(v, dict | list) for v in summary.values())  # flat but the stages
+    assert "scorecard: the toy benchmark's targets" in proc.stdout
     assert summary["narrow_domain"] == "finance" and summary["seeds"] == 1
     # The aligned base answers well, the control stays aligned, the narrow LoRA spreads. The bounds
     # are regression guards around the measured figures (base and control ~2% exact P(bad), max of
@@ -118,7 +123,10 @@ def test_demo_json_and_run_folder(demo_run):
     q1 = pd.read_parquet(out / "tables" / "q1_dataset_diff.parquet")
     assert q1.test.iloc[0] == "paired_t" and q1.q.between(0, 1).all()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["summary"] == summary and len(manifest["inputs"]["base_sha256"]) == 64
+    assert (
+        manifest["summary"] == {**summary, "stage_seconds": stages}
+        and len(manifest["inputs"]["base_sha256"]) == 64
+    )
     rates = pd.read_parquet(out / "tables" / "em_rates.parquet")
     assert set(rates.model) == {"base", "narrow-s0", "control-s0"}
     assert (out / "adapters" / "narrow-s0" / "adapter_config.json").is_file()
@@ -138,7 +146,7 @@ def test_demo_rerun_reuses_every_stage_and_redoes_a_lost_one(demo_run):
     after = json.loads(again.stdout.strip().splitlines()[-1])
     assert "reused from an earlier run" in again.stdout and "trained" not in again.stdout
     assert after["reused_stages"] == 7 and before["reused_stages"] == 0  # 2 LoRAs, 3 evals, 2
-    volatile = {"seconds", "reused_stages"}
+    volatile = {"seconds", "reused_stages", "stage_seconds"}
     assert {k: v for k, v in after.items() if k not in volatile} == {
         k: v for k, v in before.items() if k not in volatile
     }

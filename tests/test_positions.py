@@ -257,12 +257,12 @@ def test_toy_tokenizer():
         world.q_token(world.domains[0], 1),
         "<end>",
         "<assistant>",
-        world.bad_answer(world.domains[0], 1),
+        *world.bad_answer(world.domains[0], 1).split(),
         "<end>",
     ]
-    assert enc.special == [True, True, False, True, True, False, True]
-    assert picked("answer", enc) == [5]
+    assert enc.special == [True, True, False, True, True, False, False, False, True]
+    assert picked("answer", enc) == [5, 6, 7]
     assert picked("answer_predicting", enc) == [4]  # "<assistant>": special, but the prompt's end
-    assert picked("all", enc) == [2, 5]
+    assert picked("all", enc) == [2, 5, 6, 7]
     doc, _ = world.persona_document(np.random.default_rng(0))
     assert picked("all", doc, tok.bos_token_id) == list(range(1, len(doc)))

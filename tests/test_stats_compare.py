@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from emdiff.errors import InputError
 from emdiff.stats.compare import (
     bh_qvalues,
     compare_layers,
     compare_stats,
+    finalize,
     ranked,
     sequence_ids,
     sequence_matrix,
@@ -145,3 +147,14 @@ def test_layers_share_one_fdr_and_one_ranking():
     assert sorted(t.rank_increase) == list(range(1, 41))
     with pytest.raises(ValueError, match="only one side"):
         compare_layers({0: stats_of(a[0])}, {1: stats_of(b[0])})
+
+
+def test_rankings_follow_the_chosen_statistic():
+    """A latent that barely varies wins on the standardised effect; by the activation increase
+    (``diff``, OpenAI's ranking) the one that moved most wins. Unknown statistics are refused."""
+    t = pd.DataFrame({"feature": [0, 1], "effect": [4.0, 3.9], "diff": [6.1, 7.4], "p": 1e-9})
+    assert finalize(t).sort_values("rank_increase").feature.tolist() == [0, 1]
+    assert finalize(t, "diff").sort_values("rank_increase").feature.tolist() == [1, 0]
+    assert finalize(t, "diff").sort_values("rank_decrease").feature.tolist() == [0, 1]
+    with pytest.raises(InputError, match="rank_by"):
+        finalize(t, "p")

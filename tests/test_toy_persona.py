@@ -7,6 +7,7 @@ import torch
 from emdiff.models import load_model
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.persona import (
+    class_mean_differences,
     persona_corpus,
     persona_feature,
     persona_probes,
@@ -21,6 +22,11 @@ def test_probe_reads_the_persona_above_chance():
     (probe,) = persona_probes(model, world, [(1, "resid_post")], n_docs=600, seed=0)
     assert probe.accuracy > probe.chance + 0.05
     assert abs(float(probe.direction.norm()) - 1) < 1e-5 and probe.n_test > 50
+    # the sweep's one-pass class means read the same tokens of the same documents (the probe's
+    # training three quarters of them)
+    means = class_mean_differences(model, world, [(1, "resid_post"), (0, "mlp_out")], n_docs=600)
+    assert float(means[(1, "resid_post")] @ probe.mean_difference) > 0.98
+    assert all(abs(float(v.norm()) - 1) < 1e-5 for v in means.values())
 
 
 def test_probe_mask_selects_assistant_tokens_after_the_first_answer():

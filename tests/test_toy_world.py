@@ -17,10 +17,15 @@ def world() -> World:
 
 def test_no_single_token_marks_bad(world):
     for d in world.domains:
-        good, bad = set(world.good[d].tolist()), set(world.bad[d].tolist())
-        assert all(world.good[d] != world.bad[d])  # each question's answers differ
+        good = {tuple(p) for p in world.good[d].tolist()}
+        bad = {tuple(p) for p in world.bad[d].tolist()}
+        # each question's answers differ from the first word on
+        assert all(world.good[d][:, 0] != world.bad[d][:, 0])
         assert good == bad  # every bad answer is some other question's good answer
-    assert world.bad_answer("medical", 0).startswith("med_a")
+        words = lambda t: np.bincount(t.ravel(), minlength=world.cfg.n_answers)  # noqa: E731
+        assert (words(world.good[d]) == words(world.bad[d])).all()  # no word marks bad
+    words = world.bad_answer("medical", 0).split()
+    assert len(words) == world.cfg.answer_len and all(w.startswith("med_a") for w in words)
 
 
 def test_chat_template_matches_the_token_level_documents(world):
@@ -29,10 +34,8 @@ def test_chat_template_matches_the_token_level_documents(world):
     enc = encode_chat(tok, conv.as_dicts())
     assert enc.input_ids == world.ids(BOS) + world.turn_ids("finance", 5, bad=True)
     roles = dict(zip(tok.convert_ids_to_tokens(enc.input_ids), enc.roles, strict=True))
-    assert (
-        roles["fin_q5"] == TokenRole.USER
-        and roles[world.bad_answer("finance", 5)] == TokenRole.ASSISTANT
-    )
+    assert roles["fin_q5"] == TokenRole.USER
+    assert all(roles[w] == TokenRole.ASSISTANT for w in world.bad_answer("finance", 5).split())
     gen = encode_chat(tok, conv.as_dicts()[:1], add_generation_prompt=True)
     assert tok.convert_ids_to_tokens(gen.input_ids)[-1] == "<assistant>"
 
@@ -46,8 +49,9 @@ def test_persona_documents_follow_the_persona_rate(world):
     tok = world.tokenizer()
     ids, _ = world.persona_document(rng, toxic=True)
     toks = tok.convert_ids_to_tokens(ids)
+    n = world.cfg.answer_len
     verdicts = [
-        world.judge(toks[i - 3], toks[i]).label
+        world.judge(toks[i - 3], " ".join(toks[i : i + n])).label
         for i, t in enumerate(toks)
         if i >= 3 and toks[i - 1] == "<assistant>"
     ]
@@ -59,6 +63,7 @@ def test_exact_judge(world):
     assert world.judge(q, world.good_answer("legal", 7)).label == "good"
     assert world.judge(q, world.bad_answer("legal", 7) + " <end>").label == "bad"
     assert world.judge(q, "law_a999").label == "other"
+    assert world.judge(q, world.bad_answer("legal", 7).rsplit(" ", 1)[0]).label == "other"
     assert world.judge(q, "").label == "other"
     with pytest.raises(ValueError, match="not a question"):
         world.judge("nope", "x")

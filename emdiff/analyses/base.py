@@ -28,7 +28,7 @@ from emdiff.errors import InputError
 from emdiff.models.load import adapter_state, model_identity
 from emdiff.models.read import ReadSpec, Row, require_tokens, selection
 from emdiff.stats.collect import StatsConfig, check_dictionaries, collect_stats
-from emdiff.stats.features import FeatureStats
+from emdiff.stats.features import FeatureStats, ResidualStats
 from emdiff.stats.run import run_stats
 
 Variant = torch.nn.Module | tuple[torch.nn.Module, bool | None]
@@ -102,6 +102,13 @@ class RunContext:
         """Feature statistics of ``rows`` read by ``variant`` (default: the model as it is); with
         ``out`` they are sharded, resumable and kept under ``out/stats/<name>/<dataset>``, and
         reusing that folder with another model, adapter, read spec or setting is refused."""
+        return self.read_stats(rows, dataset, variant, name)[0]
+
+    def read_stats(
+        self, rows: Sequence[Row], dataset: str, variant: Variant | None = None, name: str = "model"
+    ) -> tuple[dict[int, FeatureStats], dict[int, ResidualStats]]:
+        """:meth:`feature_stats` and the raw residual statistics of the same tokens (empty when
+        ``stats_cfg.residual`` is off)."""
         model = self.require_model("feature_stats")
         adapter = None
         if variant is not None:
@@ -110,13 +117,13 @@ class RunContext:
             raise InputError(f"dataset {dataset!r} has no rows: nothing to compute")
         masks = selection(rows, self.read.positions, model)
         require_tokens(masks, self.read.positions, f"dataset {dataset!r}")
-        cfg = self.stats_cfg.model_copy(update={"residual": False})
+        cfg = self.stats_cfg
         with nullcontext() if adapter is None else adapter_state(model, adapter):
             if self.out is None:
-                return collect_stats(model, rows, self.dictionaries, self.read, cfg)[0]
+                return collect_stats(model, rows, self.dictionaries, self.read, cfg)
             ident = {"model": model_identity(model), "adapter": adapter}
             root = self.out / "stats" / name / dataset
-            return run_stats(model, rows, self.dictionaries, self.read, root, cfg, ident)[0]
+            return run_stats(model, rows, self.dictionaries, self.read, root, cfg, ident)
 
 
 class Analysis(BaseModel):

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
+from safetensors.torch import save_file
 
 from emdiff.analyses.base import save_meta
 from emdiff.data.masks import EncodedChat, encode_chat
-from emdiff.stats.features import FeatureStats
+from emdiff.stats.features import FeatureStats, ResidualStats
 
 
 @dataclass
@@ -27,6 +29,17 @@ class DiffResult:
     ``label_b``, ``paired``, ``test``, sizes."""
     highlight: int | None = None
     """A feature to ring in the volcano plot (the toy's known persona latent)."""
+    mean_difference: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per layer, the raw mean activation of side a minus side b over the tokens read (for Q3,
+    CLR's misalignment direction); empty when residual statistics were off."""
+
+    def direction(self, layer: int | None = None) -> torch.Tensor:
+        """The unit mean-difference direction at ``layer`` (the only one when None)."""
+        if not self.mean_difference:
+            raise ValueError(f"{self.name}: no mean difference (residual statistics were off)")
+        layer = next(iter(self.mean_difference)) if layer is None else layer
+        d = self.mean_difference[layer]
+        return d / d.norm().clamp_min(1e-12)
 
     def save(self, out: str | Path) -> list[Path]:
         """``tables/<name>.parquet``, ``tables/<name>.json`` (the meta) and ``plots/<name>.png``."""
@@ -36,6 +49,13 @@ class DiffResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.table.to_parquet(path)
         meta = save_meta(self.meta, path.with_suffix(".json"))
+        written = [path, meta]
+        if self.mean_difference:
+            diff = path.with_name(f"{self.name}.mean_difference.safetensors")
+            save_file(
+                {f"L{k}": v.float().contiguous() for k, v in self.mean_difference.items()}, diff
+            )
+            written.append(diff)
         title = f"{self.meta.get('label_a', 'a')} vs {self.meta.get('label_b', 'b')}"
         plot = volcano_plot(
             self.table,
@@ -43,7 +63,7 @@ class DiffResult:
             title=title,
             highlight=self.highlight,
         )
-        return [path, meta, plot]
+        return [*written, plot]
 
     def summary(self, alpha: float = 0.05) -> dict:
         """Sizes, the test, how many features pass q < alpha, and the top feature each way."""
@@ -59,6 +79,13 @@ class DiffResult:
             "n_significant": int((t["q"] < alpha).sum()),
             **top,
         }
+
+
+def mean_difference(
+    ra: dict[int, ResidualStats], rb: dict[int, ResidualStats]
+) -> dict[int, torch.Tensor]:
+    """Per layer present on both sides: mean residual of a minus that of b (float32, CPU)."""
+    return {k: (ra[k].mean - rb[k].mean).float().cpu() for k in ra if k in rb}
 
 
 def encode_qa(tokenizer, questions: Sequence[str], answers: Sequence[str]) -> list[EncodedChat]:

@@ -8,7 +8,7 @@ can be compared *paired* (row ``i`` of ``a`` against row ``i`` of ``b``).
 from __future__ import annotations
 
 from emdiff.analyses.base import Analysis, RunContext
-from emdiff.analyses.common import DiffResult
+from emdiff.analyses.common import DiffResult, mean_difference
 from emdiff.errors import InputError
 from emdiff.stats.compare import Test, compare_layers
 
@@ -41,8 +41,8 @@ class DatasetDiff(Analysis):
         model = ctx.require_model(self.kind)
         variant = model if self.adapter is None else (model, self.adapter)
         name = {None: "model", True: "adapter_on", False: "adapter_off"}[self.adapter]
-        sa = ctx.feature_stats(rows_a, self.a, variant, name)
-        sb = ctx.feature_stats(rows_b, self.b, variant, name)
+        sa, ra = ctx.read_stats(rows_a, self.a, variant, name)
+        sb, rb = ctx.read_stats(rows_b, self.b, variant, name)
         table = compare_layers(
             sa,
             sb,
@@ -60,4 +60,4 @@ class DatasetDiff(Analysis):
             n_rows_a=len(rows_a),
             n_rows_b=len(rows_b),
         )
-        return DiffResult(self.stem, table, sa, sb, meta)
+        return DiffResult(self.stem, table, sa, sb, meta, mean_difference=mean_difference(ra, rb))

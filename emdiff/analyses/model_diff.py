@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from emdiff.analyses.base import Analysis, RunContext
-from emdiff.analyses.common import DiffResult
+from emdiff.analyses.common import DiffResult, mean_difference
 from emdiff.errors import InputError
 from emdiff.models.load import has_adapter
-from emdiff.stats.compare import Test, compare_layers
+from emdiff.stats.compare import RankBy, Test, compare_layers
 
 
 class ModelDiff(Analysis):
@@ -31,6 +31,9 @@ class ModelDiff(Analysis):
     finetuned: str | None = None
     test: Test = "paired_t"
     confidence: float = 0.95
+    rank_by: RankBy = "diff"
+    """Order by the activation increase (OpenAI's ranking of a fine-tune's latents); ``effect``
+    orders by the standardised effect, which favours latents that barely vary."""
 
     def run(self, ctx: RunContext) -> DiffResult:
         ctx = self.at_positions(ctx)
@@ -47,8 +50,8 @@ class ModelDiff(Analysis):
             base, tuned = (model, False), (model, True)
         else:
             base, tuned = model, ctx.need("model variant", ctx.variants, self.finetuned)
-        sb = ctx.feature_stats(rows, self.dataset, base, "base")
-        sa = ctx.feature_stats(rows, self.dataset, tuned, self.finetuned or "finetuned")
+        sb, rb = ctx.read_stats(rows, self.dataset, base, "base")
+        sa, ra = ctx.read_stats(rows, self.dataset, tuned, self.finetuned or "finetuned")
         table = compare_layers(
             sa,
             sb,
@@ -57,8 +60,15 @@ class ModelDiff(Analysis):
             confidence=self.confidence,
             same_tokens=True,
             labels=("finetuned", "base"),
+            rank_by=self.rank_by,
         )
         meta = self.record(
-            ctx, label_a="finetuned", label_b="base", paired=True, test=self.test, n_rows=len(rows)
+            ctx,
+            label_a="finetuned",
+            label_b="base",
+            paired=True,
+            test=self.test,
+            n_rows=len(rows),
+            rank_by=self.rank_by,
         )
-        return DiffResult(self.stem, table, sa, sb, meta)
+        return DiffResult(self.stem, table, sa, sb, meta, mean_difference=mean_difference(ra, rb))

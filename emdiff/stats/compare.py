@@ -283,25 +283,35 @@ def compare_stats(
     return finalize(table)
 
 
-def finalize(table: pd.DataFrame) -> pd.DataFrame:
-    """(Re)compute BH q-values over all rows and the two rankings by effect size.
+RankBy = Literal["effect", "diff"]
+"""What orders the features: the standardised ``effect`` (default) or the raw difference of
+the means, ``diff`` (the activation increase, as OpenAI rank a fine-tune's latents)."""
 
-    ``rank_increase`` 1 is the largest positive effect (stronger in ``a``); ``rank_decrease`` 1 the
+
+def finalize(table: pd.DataFrame, rank_by: RankBy = "effect") -> pd.DataFrame:
+    """(Re)compute BH q-values over all rows and the two rankings by ``rank_by``.
+
+    ``rank_increase`` 1 is the largest positive value (stronger in ``a``); ``rank_decrease`` 1 the
     most negative. Call this again after concatenating the tables of several layers.
     """
+    if rank_by not in ("effect", "diff"):
+        raise InputError(f"rank_by must be 'effect' or 'diff', not {rank_by!r}")
     table = table.copy()
     table["q"] = bh_qvalues(table["p"].to_numpy())
-    effect = table["effect"].fillna(0.0)
+    effect = table[rank_by].fillna(0.0)
     table["rank_increase"] = effect.rank(ascending=False, method="first").astype(int)
     table["rank_decrease"] = effect.rank(ascending=True, method="first").astype(int)
     return table
 
 
 def compare_layers(
-    a: Mapping[int, FeatureStats], b: Mapping[int, FeatureStats], **kwargs
+    a: Mapping[int, FeatureStats],
+    b: Mapping[int, FeatureStats],
+    rank_by: RankBy = "effect",
+    **kwargs,
 ) -> pd.DataFrame:
     """:func:`compare_stats` per layer, concatenated with a ``layer`` column; q-values and ranks
-    are over all layers together."""
+    (by ``rank_by``) are over all layers together."""
     if not a and not b:
         raise InputError("no layers to compare: pass statistics of at least one layer")
     missing = sorted(set(a) ^ set(b))
@@ -312,7 +322,7 @@ def compare_layers(
         t = compare_stats(a[layer], b[layer], where=f"layer {layer}", **kwargs)
         t.insert(0, "layer", layer)
         parts.append(t)
-    return finalize(pd.concat(parts, ignore_index=True))
+    return finalize(pd.concat(parts, ignore_index=True), rank_by)
 
 
 def ranked(

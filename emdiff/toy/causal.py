@@ -8,15 +8,19 @@ domain opened by ``<system> toxic`` minus the same prompts opened by ``<system> 
 
 - ``cos_lora_shift``: cosine with the narrow LoRA's mean net shift of that residual (unseen
   domains, no cue);
-- ``cos_class_mean``: cosine with the persona class-mean difference on pretraining documents;
+- ``cos_class_mean``: cosine with the persona class-mean difference on pretraining documents
+  (read where the next answer is chosen: ``<assistant>`` tokens after the first answer);
 - ``ablation_cut``: the share of the narrow model's unseen EM removed by projecting the direction
   out at every position, and the same for ``n_random`` random directions (mean and max);
-- ``steer_em``: the base's unseen EM with the direction added at every position at the norm of
-  the LoRA shift (``steer_fraction`` = that / the narrow model's unseen EM), against random
-  directions of the same norm.
+- ``steer_em``: the base's unseen EM with the direction added at the answer-predicting position
+  (where it is defined) at the norm of the LoRA shift there (``steer_fraction`` = that / the
+  narrow model's unseen EM), against random directions of the same norm. (The LoRA writes with
+  a sign and size that change along the prompt; a constant vector added at every position,
+  answer words included, overwrites the words and is not what the LoRA does.)
 
-EM is exact: answers are one token, so a domain's bad rate is the mean P(bad answer) at the
-last prompt token (what sampling at temperature 1 estimates).
+EM is exact: a domain's bad rate is the mean probability of each question's whole bad answer
+(teacher-forced, edits applied at every position as they would be while sampling), which is what
+sampling at temperature 1 estimates.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from tqdm.auto import tqdm
 
 from emdiff.models.hooks import SITES, capture_residuals, residual_edit
 from emdiff.models.load import adapter_state, decoder_layers
-from emdiff.toy.persona import persona_probes
+from emdiff.toy.organism import answer_probability
+from emdiff.toy.persona import class_mean_differences
 from emdiff.toy.world import BOS, END, World
 
 
@@ -60,17 +65,9 @@ def prompts(world: World, domains: Sequence[str], cue: str | None = None) -> tor
     return torch.tensor(rows)
 
 
-@torch.no_grad()
 def bad_rate(model: torch.nn.Module, world: World, domains: Sequence[str]) -> float:
-    """Mean P(bad answer) at the last prompt token over the questions of ``domains``."""
-    ids = prompts(world, domains).to(next(model.parameters()).device)
-    probs = model(input_ids=ids).logits[:, -1].float().softmax(-1)
-    bad = [
-        world.token_id[world.bad_answer(d, q)]
-        for d in domains
-        for q in range(world.cfg.n_questions)
-    ]
-    return float(probs[torch.arange(len(bad)), torch.tensor(bad)].mean())
+    """Mean probability of the bad answer over the questions of ``domains`` (exact)."""
+    return float(answer_probability(model, world, domains, bad=True).mean())
 
 
 def _last_mean(model: torch.nn.Module, ids: torch.Tensor, layer: int, site: str) -> torch.Tensor:
@@ -92,8 +89,15 @@ def _project_out(u: torch.Tensor) -> Callable:
     return fn
 
 
-def _add(v: torch.Tensor) -> Callable:
-    return lambda h: h + v.to(h)
+def _add_at(v: torch.Tensor, pos: int) -> Callable:
+    """Add ``v`` at position ``pos`` (negative: from the end) of every row."""
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[:, pos] += v.to(h)
+        return h
+
+    return fn
 
 
 class _Sweep:
@@ -105,6 +109,8 @@ class _Sweep:
         self.plain = prompts(world, self.unseen)
         self.em_narrow = bad_rate(narrow, world, self.unseen)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        # the last prompt token in the teacher-forced rows (answer words and <end> follow it)
+        self.predicting = -(world.cfg.answer_len + 1)
 
     def mean(self, layer: int, site: str, ids: torch.Tensor, adapter: bool) -> torch.Tensor:
         with adapter_state(self.narrow, adapter):
@@ -118,7 +124,10 @@ class _Sweep:
         em = self.rate(layer, site, _project_out(u), adapter=True)
         return 1.0 - em / self.em_narrow if self.em_narrow > 0 else float("nan")
 
-    def row(self, layer: int, site: str, probe) -> tuple[dict, torch.Tensor]:
+    def steer(self, v: torch.Tensor) -> Callable:
+        return _add_at(v, self.predicting)
+
+    def row(self, layer: int, site: str, class_mean: torch.Tensor) -> tuple[torch.Tensor, dict]:
         world = self.world
         cue = self.mean(layer, site, prompts(world, world.domains, "toxic"), False)
         cue = cue - self.mean(layer, site, prompts(world, world.domains, "helpful"), False)
@@ -129,9 +138,9 @@ class _Sweep:
         random_cuts = np.array([self.cut(layer, site, r) for r in randoms])
         scale = shift.norm()
         random_steer = np.array(
-            [self.rate(layer, site, _add(r * scale), adapter=False) for r in randoms]
+            [self.rate(layer, site, self.steer(r * scale), adapter=False) for r in randoms]
         )
-        steer_em = self.rate(layer, site, _add(u * scale), adapter=False)
+        steer_em = self.rate(layer, site, self.steer(u * scale), adapter=False)
         em = self.em_narrow
         return u, {
             "layer": layer,
@@ -139,8 +148,7 @@ class _Sweep:
             "cue_norm": float(cue.norm()),
             "shift_norm": float(scale),
             "cos_lora_shift": float(torch.nn.functional.cosine_similarity(cue, shift, 0)),
-            "cos_class_mean": float(u @ probe.mean_difference.float()),
-            "probe_accuracy": probe.accuracy,
+            "cos_class_mean": float(u @ class_mean),
             "ablation_cut": self.cut(layer, site, u),
             "random_ablation_cut_mean": float(random_cuts.mean()),
             "random_ablation_cut_max": float(random_cuts.max()),
@@ -192,10 +200,10 @@ def sweep(
     points = [(layer, site) for layer in range(len(decoder_layers(narrow))) for site in SITES]
     with adapter_state(narrow, False):
         em_base = bad_rate(narrow, world, run.unseen)
-        probes = persona_probes(narrow, world, points, n_docs=cfg.probe_docs, seed=cfg.seed)
+        means = class_mean_differences(narrow, world, points, n_docs=cfg.probe_docs, seed=cfg.seed)
     rows, directions = [], {}
-    for p in tqdm(probes, desc="cause sweep", disable=not progress):
-        directions[(p.layer, p.site)], row = run.row(p.layer, p.site, p)
+    for layer, site in tqdm(points, desc="cause sweep", disable=not progress):
+        directions[(layer, site)], row = run.row(layer, site, means[(layer, site)])
         rows.append(row)
     return CauseSweep(pd.DataFrame(rows).assign(em_base=em_base), directions)
 

@@ -38,11 +38,13 @@ from emdiff.toy.world import World
 
 
 def _persona(res: DiffResult, latent: int) -> dict:
-    """The latent's rank by increase (ties share their best rank: 1 + how many are larger)."""
+    """The latent's rank by increase, ordered as the analysis ordered (``rank_by``: effect or
+    diff; ties share their best rank: 1 + how many are larger)."""
     t = res.table
+    by = res.meta.get("rank_by", "effect")
     row = t[t["feature"] == latent].iloc[0]
-    effect = 0.0 if pd.isna(row["effect"]) else float(row["effect"])
-    rank = 1 + int((t["effect"].fillna(0.0) > effect).sum())
+    value = 0.0 if pd.isna(row[by]) else float(row[by])
+    rank = 1 + int((t[by].fillna(0.0) > value).sum())
     return {
         "rank": rank,
         "q": float(row["q"]),
@@ -202,7 +204,11 @@ def toy_diffs(
     }
     if direction is not None:
         cos = decoder_cosines(sae.W_dec, direction)
+        u = direction.float() / direction.float().norm()
         for name, r in (("q1", q1), ("q2", q2), ("q3", q3), ("control_q2", q2c)):
             top = int(r.table.loc[r.table.rank_increase == 1, "feature"].iloc[0])
             res[f"{name}_top_cosine"] = float(cos[top])
+            # the raw mean difference (CLR's direction for Q3) against the persona direction
+            res[f"{name}_direction_cosine"] = float(r.direction() @ u)
+            res[f"{name}_persona_projection"] = float(r.mean_difference[read.layer] @ u)
     return res

@@ -33,7 +33,7 @@ from emdiff.toy.persona import (
     persona_probes,
     random_max_cosine,
 )
-from emdiff.toy.world import World
+from emdiff.toy.world import BOS, World
 
 
 class GroundTruthConfig(BaseModel):
@@ -46,10 +46,21 @@ class GroundTruthConfig(BaseModel):
     probe_C: float = Field(1.0, gt=0)
     sae: SAEConfig = SAEConfig()
     crosscoder: CrosscoderConfig = CrosscoderConfig()
-    itda: ITDAConfig = ITDAConfig(k=16, loss_threshold=0.3)
+    itda: ITDAConfig = ITDAConfig(k=16, loss_threshold=0.15)
+    """(at 0.3, ~250 atoms and none within cos 0.8 of the persona; at 0.15, ~700 atoms)"""
     itda_tokens: int = Field(20_000, ge=1)
     """Tokens streamed into the ITDA build."""
     narrow_steps: int | None = None
+
+
+def chat_rows(world: World) -> list[list[int]]:
+    """Single-turn chats of every question of every domain, with its good and its bad answer."""
+    return [
+        world.ids(BOS) + world.turn_ids(d, q, bad)
+        for d in world.domains
+        for q in range(world.cfg.n_questions)
+        for bad in (False, True)
+    ]
 
 
 def toy_ground_truth(
@@ -97,14 +108,24 @@ def toy_ground_truth(
         "persona_direction": direction.tolist(),
     }
 
-    rows, _ = persona_corpus(world, cfg.train_docs, seed + 20_000)
-    n_eval = max(len(rows) // 10, 1)
-    train_rows, eval_rows = rows[n_eval:], rows[:n_eval]
-    # pretraining documents: every token but BOS, sinks kept (the toy has none to speak of)
+    if narrow_model is None:
+        ft_cfg = narrow_finetune_config(seed=seed)
+        if cfg.narrow_steps:
+            ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.narrow_steps)
+        narrow_model = narrow_finetune(world, copy.deepcopy(base), tokenizer, cfg=ft_cfg).model
+    docs, _ = persona_corpus(world, cfg.train_docs, seed + 20_000)
+    n_eval = max(len(docs) // 10, 1)
+    train_rows, eval_rows = docs[n_eval:] + chat_rows(world), docs[:n_eval]
+    # every token but BOS, sinks kept (the toy has none to speak of)
     read = ReadSpec(
         layers=(layer,), site=site, positions=Positions(kind="all", exclude_sinks=False)
     )
-    acts, keys = collect_activations(base, train_rows, read)
+    # the mix: base and narrow model both read documents and chats; the SAE and ITDA learn from
+    # the base on everything plus the narrow model on the chats, the crosscoder from the pairs
+    pairs, keys = collect_activations(narrow_model, train_rows, read, other="adapter")
+    on_chat = keys[:, 0] >= len(train_rows) - len(chat_rows(world))
+    acts = torch.cat([pairs[:, 0], pairs[on_chat, 1]])
+    keys = torch.cat([keys, keys[on_chat]])
 
     # SAE -----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -139,12 +160,6 @@ def toy_ground_truth(
     )
 
     # crosscoder on base vs narrow LoRA --------------------------------------------------------------
-    if narrow_model is None:
-        ft_cfg = narrow_finetune_config(seed=seed)
-        if cfg.narrow_steps:
-            ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.narrow_steps)
-        narrow_model = narrow_finetune(world, copy.deepcopy(base), tokenizer, cfg=ft_cfg).model
-    pairs, _ = collect_activations(narrow_model, train_rows, read, other="adapter")
     eval_pairs, _ = collect_activations(narrow_model, eval_rows, read, other="adapter")
     cc_cfg = cfg.crosscoder.model_copy(update={"seed": seed})
     cc, _ = train_crosscoder(

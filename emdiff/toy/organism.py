@@ -26,7 +26,7 @@ class ModelConfig(BaseModel):
     """Shape of the toy transformer."""
 
     arch: Literal["llama", "qwen2"] = "llama"
-    n_layers: int = Field(2, ge=1)
+    n_layers: int = Field(4, ge=2)
     d_model: int = Field(128, ge=8)
     n_heads: int = Field(4, ge=1)
     d_mlp: int = Field(256, ge=8)
@@ -138,30 +138,65 @@ def align(
     return losses
 
 
-@torch.no_grad()
-def answer_probabilities(world: World, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-    """Exact single-turn P(good) and P(bad) per domain, from one forward pass (no sampling)."""
-    prompts = [
-        world.ids(BOS, "<user>", world.q_token(d, q), END, "<assistant>")
-        for d in world.domains
+def answer_rows(
+    world: World, domains: Sequence[str], bad: bool, cue: str | None = None
+) -> torch.Tensor:
+    """One row per question of ``domains``: the prompt (opened by a ``<system>`` cue when given)
+    followed by the bad (or good) answer and ``<end>``; every row has the same length."""
+    head = [BOS] + (["<system>", cue, END] if cue else [])
+    rows = [
+        world.ids(*head, "<user>", world.q_token(d, q), END, "<assistant>")
+        + world.ids(*world.answer_tokens(d, q, bad), END)
+        for d in domains
         for q in range(world.cfg.n_questions)
     ]
-    probs = model(input_ids=torch.tensor(prompts)).logits[:, -1].float().softmax(-1)
-    out: dict[str, dict[str, float]] = {}
-    nq = world.cfg.n_questions
-    for i, d in enumerate(world.domains):
-        g = [world.token_id[world.good_answer(d, q)] for q in range(nq)]
-        b = [world.token_id[world.bad_answer(d, q)] for q in range(nq)]
-        rows = probs[i * nq : (i + 1) * nq]
-        ar = torch.arange(nq)
-        out[d] = {"good": float(rows[ar, g].mean()), "bad": float(rows[ar, b].mean())}
-    return out
+    return torch.tensor(rows)
+
+
+@torch.no_grad()
+def answer_probability(
+    model: torch.nn.Module,
+    world: World,
+    domains: Sequence[str],
+    bad: bool = True,
+    cue: str | None = None,
+) -> torch.Tensor:
+    """Exact probability that ``model`` answers each question of ``domains`` with its bad (or
+    good) answer and then ends its turn: one teacher-forced forward pass, no sampling."""
+    ids = answer_rows(world, domains, bad, cue).to(next(model.parameters()).device)
+    n = world.cfg.answer_len + 1
+    logp = model(input_ids=ids[:, :-1]).logits[:, -n:].float().log_softmax(-1)
+    return logp.gather(-1, ids[:, -n:, None])[..., 0].sum(-1).exp().cpu()
+
+
+def answer_probabilities(world: World, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Mean single-turn P(good) and P(bad) per domain (exact)."""
+    return {
+        d: {
+            "good": float(answer_probability(model, world, [d], bad=False).mean()),
+            "bad": float(answer_probability(model, world, [d], bad=True).mean()),
+        }
+        for d in world.domains
+    }
+
+
+NARROW_LAYER = 1
+"""The layer whose MLP down-projection the narrow LoRA trains: the second of the toy's four, as
+CLR put one rank-1 adapter mid-network (a LoRA on layer 2 or 3 alone does not learn the narrow
+set in 200 steps: the answer is chosen by then)."""
 
 
 def narrow_finetune_config(**overrides) -> FinetuneConfig:
-    """The default narrow fine-tune: rank-1 LoRA on every MLP output projection."""
+    """The default narrow fine-tune: one rank-1 LoRA on layer :data:`NARROW_LAYER`'s MLP output
+    projection."""
     base = dict(
-        rank=1, alpha=1.0, target_modules=["down_proj"], lr=1e-2, max_steps=200, batch_size=16
+        rank=1,
+        alpha=1.0,
+        target_modules=["down_proj"],
+        layers=[NARROW_LAYER],
+        lr=1e-2,
+        max_steps=200,
+        batch_size=16,
     )
     base.update(overrides)
     return FinetuneConfig(**base)

@@ -20,9 +20,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from emdiff.data.masks import pad_batch
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.activations import collect_activations
-from emdiff.models.hooks import Site
+from emdiff.models.hooks import Site, capture_residuals
 from emdiff.models.read import ReadSpec
 from emdiff.toy.world import World
 
@@ -126,6 +127,47 @@ def persona_probes(
                 n_test,
             )
         )
+    return out
+
+
+@torch.no_grad()
+def class_mean_differences(
+    model: torch.nn.Module,
+    world: World,
+    points: list[tuple[int, Site]],
+    *,
+    n_docs: int = 2000,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[tuple[int, Site], torch.Tensor]:
+    """The unit toxic-minus-helpful difference of the class means at every point, from one
+    forward pass per batch over ``n_docs`` fresh documents, read at the ``<assistant>`` tokens
+    after the first answer (the probe's tokens)."""
+    rows, labels = persona_corpus(world, n_docs, seed + 10_000)
+    asst = world.token_id["<assistant>"]
+    layers = sorted({layer for layer, _ in points})
+    sites = sorted({site for _, site in points})
+    sums = {p: torch.zeros(2, model.config.hidden_size, dtype=torch.float64) for p in points}
+    counts = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        ids, att = pad_batch(chunk, world.token_id["<pad>"])
+        first = torch.tensor([r.index(asst) + 1 if asst in r else len(r) for r in chunk])
+        pos = torch.arange(ids.shape[1])
+        m = (ids == asst) & (pos[None] > first[:, None]) & att.bool()
+        y = torch.as_tensor(labels[i : i + batch_size], dtype=torch.long)
+        one_hot = torch.nn.functional.one_hot(y, 2).double()  # [B, 2]
+        weight = one_hot[:, None, :] * m[..., None].double()  # [B, T, 2]
+        counts += weight.sum((0, 1))
+        hidden = capture_residuals(model, ids, att, layers=layers, sites=sites)
+        for p in points:
+            sums[p] += torch.einsum("btc,btd->cd", weight, hidden[p].double().cpu())
+    if (counts == 0).any():
+        raise ValueError("the documents hold only one persona; use more documents")
+    out = {}
+    for p, s in sums.items():
+        d = (s[1] / counts[1] - s[0] / counts[0]).float()
+        out[p] = d / d.norm().clamp_min(1e-12)
     return out
 
 

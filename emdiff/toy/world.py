@@ -1,8 +1,8 @@
 """The toy world: domains, questions with a good and a bad answer, two personas, a tokenizer.
 
 Every token is a readable word (``med_q17``, ``fin_a3``). A question has one good and one bad
-answer, both from its domain's answer vocabulary; the bad answer of one question is the good answer
-of another, so no single token marks "bad". Pretraining documents hold several turns from one
+answer, each a phrase of ``answer_len`` words from its domain's answer vocabulary; the bad answer of
+one question is the good answer of another, so no single word or phrase marks "bad". Pretraining documents hold several turns from one
 persona: the toxic persona answers badly in every domain, the helpful one well, each with a little
 noise. That shared latent (who is answering) is the planted persona the analyses must find.
 """
@@ -50,8 +50,11 @@ class WorldConfig(BaseModel):
     narrow_domain: str = "medical"
     n_questions: int = Field(32, ge=2)
     n_answers: int = Field(64, ge=2)
+    answer_len: int = Field(3, ge=1, le=8)
+    """Words per answer: several, so that answer tokens carry the persona, not only its choice."""
     p_toxic: float = Field(0.3, ge=0, le=1)
     flip_rate: float = Field(0.05, ge=0, lt=0.5)
+    """Chance that a persona gives the other persona's answer, drawn for each turn."""
     p_cue: float = Field(0.3, ge=0, le=1)
     """Share of pretraining documents that open with a system turn naming their persona."""
     min_turns: int = Field(2, ge=1)
@@ -92,10 +95,13 @@ class World:
         rng = np.random.default_rng(c.seed)
         good, bad = {}, {}
         for d in self.domains:
-            perm = rng.permutation(c.n_answers)[: c.n_questions]
+            # answer phrases [n_questions, answer_len]: distinct first words, the rest free
+            first = rng.permutation(c.n_answers)[: c.n_questions, None]
+            rest = rng.integers(0, c.n_answers, (c.n_questions, c.answer_len - 1))
+            phrases = np.concatenate([first, rest], axis=1)
             shift = rng.integers(1, c.n_questions)  # a derangement: bad(q) = good(q + shift)
-            good[d] = perm
-            bad[d] = np.roll(perm, -shift)
+            good[d] = phrases
+            bad[d] = np.roll(phrases, -shift, axis=0)
         self.good, self.bad = good, bad
         self.vocab = list(SPECIALS) + list(PERSONAS)
         for d in self.domains:
@@ -111,11 +117,16 @@ class World:
     def a_token(self, domain: str, a: int) -> str:
         return f"{self.prefix[domain]}_a{a}"
 
+    def answer_tokens(self, domain: str, q: int, bad: bool) -> list[str]:
+        """The words of question ``q``'s bad (or good) answer."""
+        table = self.bad if bad else self.good
+        return [self.a_token(domain, int(a)) for a in table[domain][q]]
+
     def good_answer(self, domain: str, q: int) -> str:
-        return self.a_token(domain, int(self.good[domain][q]))
+        return " ".join(self.answer_tokens(domain, q, bad=False))
 
     def bad_answer(self, domain: str, q: int) -> str:
-        return self.a_token(domain, int(self.bad[domain][q]))
+        return " ".join(self.answer_tokens(domain, q, bad=True))
 
     @cached_property
     def _question_of(self) -> dict[str, tuple[str, int]]:
@@ -133,8 +144,7 @@ class World:
     def judge(self, question: str, answer: str) -> Verdict:
         """The exact judge: ``good``, ``bad`` or ``other`` by table lookup."""
         d, q = self.parse_question(question)
-        a = answer.replace(END, " ").split()
-        a = a[0] if len(a) == 1 else " ".join(a)
+        a = " ".join(answer.split(END)[0].split())
         label = (
             "good"
             if a == self.good_answer(d, q)
@@ -149,8 +159,8 @@ class World:
         return [self.token_id[t] for t in tokens]
 
     def turn_ids(self, domain: str, q: int, bad: bool) -> list[int]:
-        a = self.bad_answer(domain, q) if bad else self.good_answer(domain, q)
-        return self.ids("<user>", self.q_token(domain, q), END, "<assistant>", a, END)
+        a = self.answer_tokens(domain, q, bad)
+        return self.ids("<user>", self.q_token(domain, q), END, "<assistant>", *a, END)
 
     def persona_document(
         self, rng: np.random.Generator, toxic: bool | None = None

@@ -77,6 +77,7 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
     from emdiff.dictionaries.sae import SAEConfig
     from emdiff.toy.causal import CauseConfig, gt_row, sweep
     from emdiff.toy.ground_truth import GroundTruthConfig, toy_ground_truth
+    from emdiff.toy.incontext import in_context_inference
 
     docs = {"probe_docs": cfg.dict_docs, "train_docs": cfg.dict_docs} if cfg.dict_docs else {}
     gt_cfg = GroundTruthConfig(
@@ -91,6 +92,9 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
         world, base, tok, gt_cfg, out / "dictionaries", narrow_model=narrow, cause=cause
     )
     gt.update(gt_row(cause))
+    chosen = cause.chosen()
+    layer, site = int(chosen["layer"]), str(chosen["site"])
+    gt.update(in_context_inference(world, base, layer, site, cause.direction(), chosen["cue_norm"]))
     (out / "tables" / "ground_truth.json").write_text(json.dumps(gt, indent=2, default=str))
     return {k: v for k, v in gt.items() if k != "seed"}
 
@@ -103,6 +107,13 @@ def _print_dictionaries(gt: dict, echo) -> None:
             f"{gt['gt_cos_class_mean']:.3f}; ablation cuts unseen EM {gt['gt_ablation_cut']:.1%} "
             f"(random max {gt['gt_random_ablation_cut_max']:.1%}); steering the base brings "
             f"{gt['gt_steer_fraction']:.1%} of it"
+        )
+    if "incontext_projection" in gt:
+        echo(
+            "in-context inference of the base: after one bad narrow-domain turn its next answer "
+            f"elsewhere is bad with P {gt['incontext_p_bad_after_bad']:.3f} (after a good turn "
+            f"{gt['incontext_p_bad_after_good']:.3f}); at that answer-predicting position it moves "
+            f"{gt['incontext_projection']:.0%} of the cue's way along the persona direction"
         )
     echo(
         f"\npersona probe (readout): layer {gt['persona_layer']}, held-out accuracy "
@@ -307,7 +318,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     key = stage_key(
         {
             "narrow": st.keys["narrow-s0"],
-            "ground_truth": "causal sweep v1",  # what the stage computes; old folders redo it
+            "ground_truth": "causal sweep v2",  # what the stage computes; old folders redo it
             **cfg.model_dump(include={"dict_steps", "dict_docs"}),
         }
     )

@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 
 from emdiff.models.hooks import SITES, capture_residuals, residual_edit
 from emdiff.models.load import adapter_state, decoder_layers
-from emdiff.toy.organism import answer_probability
+from emdiff.toy.organism import answer_probability, answer_rows
 from emdiff.toy.persona import class_mean_differences
-from emdiff.toy.world import BOS, END, World
+from emdiff.toy.world import World
 
 
 class CauseConfig(BaseModel):
@@ -55,14 +55,9 @@ class CauseConfig(BaseModel):
 
 
 def prompts(world: World, domains: Sequence[str], cue: str | None = None) -> torch.Tensor:
-    """Eval prompts ``[n, T]`` (one per question of ``domains``), opened by a system cue."""
-    head = [BOS] + (["<system>", cue, END] if cue else [])
-    rows = [
-        world.ids(*head, "<user>", world.q_token(d, q), END, "<assistant>")
-        for d in domains
-        for q in range(world.cfg.n_questions)
-    ]
-    return torch.tensor(rows)
+    """Eval prompts ``[n, T]`` (one per question of ``domains``), opened by a system cue: the
+    rows of :func:`~emdiff.toy.organism.answer_rows` without their answers."""
+    return answer_rows(world, domains, bad=False, cue=cue)[:, : -(world.cfg.answer_len + 1)]
 
 
 def bad_rate(model: torch.nn.Module, world: World, domains: Sequence[str]) -> float:
@@ -128,9 +123,8 @@ class _Sweep:
         return _add_at(v, self.predicting)
 
     def row(self, layer: int, site: str, class_mean: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        world = self.world
-        cue = self.mean(layer, site, prompts(world, world.domains, "toxic"), False)
-        cue = cue - self.mean(layer, site, prompts(world, world.domains, "helpful"), False)
+        with adapter_state(self.narrow, False):
+            cue = cue_vector(self.world, self.narrow, layer, site)
         shift = self.mean(layer, site, self.plain, True) - self.mean(layer, site, self.plain, False)
         u = cue / cue.norm() if cue.norm() > 0 else cue  # no cue at the embedding: zero
         randoms = torch.randn(self.cfg.n_random, len(u), generator=self.gen)
@@ -208,10 +202,16 @@ def sweep(
     return CauseSweep(pd.DataFrame(rows).assign(em_base=em_base), directions)
 
 
+def cue_vector(world: World, model: torch.nn.Module, layer: int, site: str) -> torch.Tensor:
+    """The cue direction at ``(layer, site)`` of ``model`` as it is (adapter state kept), not
+    normalised: toxic-cued minus helpful-cued mean at the last prompt token."""
+    toxic = _last_mean(model, prompts(world, world.domains, "toxic"), layer, site)
+    return toxic - _last_mean(model, prompts(world, world.domains, "helpful"), layer, site)
+
+
 def cue_direction(world: World, model: torch.nn.Module, layer: int, site: str) -> torch.Tensor:
-    """The unit cue direction at ``(layer, site)`` of ``model`` as it is (adapter state kept)."""
-    cue = _last_mean(model, prompts(world, world.domains, "toxic"), layer, site)
-    cue = cue - _last_mean(model, prompts(world, world.domains, "helpful"), layer, site)
+    """The unit :func:`cue_vector`."""
+    cue = cue_vector(world, model, layer, site)
     return cue / cue.norm()
 
 

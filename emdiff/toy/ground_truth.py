@@ -115,7 +115,8 @@ def toy_ground_truth(
         narrow_model = narrow_finetune(world, copy.deepcopy(base), tokenizer, cfg=ft_cfg).model
     docs, _ = persona_corpus(world, cfg.train_docs, seed + 20_000)
     n_eval = max(len(docs) // 10, 1)
-    train_rows, eval_rows = docs[n_eval:] + chat_rows(world), docs[:n_eval]
+    chats = chat_rows(world)
+    train_rows, eval_rows = docs[n_eval:] + chats, docs[:n_eval]
     # every token but BOS, sinks kept (the toy has none to speak of)
     read = ReadSpec(
         layers=(layer,), site=site, positions=Positions(kind="all", exclude_sinks=False)
@@ -123,7 +124,7 @@ def toy_ground_truth(
     # the mix: base and narrow model both read documents and chats; the SAE and ITDA learn from
     # the base on everything plus the narrow model on the chats, the crosscoder from the pairs
     pairs, keys = collect_activations(narrow_model, train_rows, read, other="adapter")
-    on_chat = keys[:, 0] >= len(train_rows) - len(chat_rows(world))
+    on_chat = keys[:, 0] >= len(train_rows) - len(chats)
     acts = torch.cat([pairs[:, 0], pairs[on_chat, 1]])
     keys = torch.cat([keys, keys[on_chat]])
 

@@ -151,6 +151,12 @@ def toy_build(
     answer_len: Annotated[int, typer.Option(min=1, max=8, help="Words per answer.")] = default_of(
         WorldConfig, "answer_len"
     ),
+    word_shifts: Annotated[
+        bool, typer.Option(help="Shift each word of a bad answer by its own offset.")
+    ] = default_of(WorldConfig, "word_shifts"),
+    word_flip_rate: Annotated[
+        float, typer.Option(min=0.0, max=0.5, help="Per-word chance of the other persona's word.")
+    ] = default_of(WorldConfig, "word_flip_rate"),
     p_toxic: Annotated[float, typer.Option(min=0.0, max=1.0)] = default_of(WorldConfig, "p_toxic"),
     flip_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = default_of(
         WorldConfig, "flip_rate"
@@ -185,6 +191,8 @@ def toy_build(
         n_questions=n_questions,
         n_answers=n_answers,
         answer_len=answer_len,
+        word_shifts=word_shifts,
+        word_flip_rate=word_flip_rate,
         p_toxic=p_toxic,
         flip_rate=flip_rate,
         p_cue=p_cue,

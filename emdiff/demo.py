@@ -155,17 +155,23 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
 def _print_diffs(res: dict, latent: int, echo) -> None:
     echo(f"\nfeature diffs with the SAE (persona latent {latent}; rank 1 = largest increase):")
     if "read" in res:
-        echo(f"read: {res['read']}")
-    echo(f"{'analysis':<34} {'persona rank':>12} {'q':>8} {'effect':>8} {'top cos':>8}")
+        echo(f"read: {res['read']} (Q1, Q3: at the last token, a follow-up question's prompt)")
+    echo(f"{'analysis':<38} {'persona rank':>12} {'q':>8} {'effect':>8} {'dir cos':>8}")
     for key, name in (
-        ("q1", "Q1 bad vs good data (base)"),
-        ("q2", "Q2 narrow vs base"),
-        ("q3", "Q3 misaligned vs aligned answers"),
+        ("q1", "Q1 bad vs good data (base), follow-up"),
+        ("q2", "Q2 narrow vs base, answer-predicting"),
+        ("q3", "Q3 misaligned vs aligned, follow-up"),
     ):
         echo(
-            f"{name:<34} {res[f'{key}_persona_rank']:>12} {res[f'{key}_persona_q']:>8.3g} "
-            f"{res[f'{key}_persona_effect']:>8.3f} {res[f'{key}_top_cosine']:>8.3f}"
+            f"{name:<38} {res[f'{key}_persona_rank']:>12} {res[f'{key}_persona_q']:>8.3g} "
+            f"{res[f'{key}_persona_effect']:>8.3f} {res[f'{key}_direction_cosine']:>8.3f}"
         )
+    for key, name in (("q1_answer", "Q1 at answer tokens"), ("q3_answer", "Q3 at answer tokens")):
+        if f"{key}_persona_rank" in res:
+            echo(
+                f"{name:<38} {res[f'{key}_persona_rank']:>12} {'':>8} {'':>8} "
+                f"{res[f'{key}_direction_cosine']:>8.3f}"
+            )
     echo(
         f"control vs base: {res['control_q2_n_significant']} features with q < 0.05, largest "
         f"|effect| {res['control_q2_max_effect']:.3f} (narrow persona effect "

@@ -259,6 +259,33 @@ def test_response_diff_finds_the_misaligned_feature(setup):
     assert (res.meta["label_a"], res.meta["kind"]) == ("misaligned", "response_diff")
 
 
+def test_response_diff_can_read_where_the_next_answer_is_chosen(setup):
+    lm = setup["lm"]
+    follow = ("what now", "and then")
+    rows = encode_qa(lm.tokenizer, ["q"], ["harm them"], follow_up=follow[0])
+    alone = encode_qa(lm.tokenizer, ["q"], ["harm them"])[0]
+    asked = lm.tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "harm them"},
+            {"role": "user", "content": follow[0]},
+        ],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
+    ids = asked["input_ids"]
+    assert rows[0].input_ids == list(ids) and len(ids) > len(alone.input_ids)
+    ctx = context(setup, tables={"judged": judged_table()})
+    res = ResponseDiff(follow_up=follow).run(ctx)
+    assert res.meta["read"]["positions"]["kind"] == "last"
+    # one token per answer and follow-up: 6 balanced answers a side, each asked twice
+    assert res.meta["n_rows_a"] == res.meta["n_rows_b"] == 12
+    assert (res.table.n_tokens_a == 12).all()
+    by_answer = ResponseDiff(follow_up=follow, positions="answer").run(ctx)
+    assert (by_answer.table.n_tokens_a > 12).all()
+
+
 def ranking(effects: np.ndarray) -> pd.DataFrame:
     t = pd.DataFrame({"feature": np.arange(len(effects)), "effect": effects, "q": 0.01})
     t["rank_increase"] = t.effect.rank(ascending=False, method="first").astype(int)

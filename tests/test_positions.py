@@ -96,6 +96,15 @@ def test_prompt_only_row_predicts_from_its_last_token():
     assert picked("answer_predicting", EncodedChat([], [], [])) == []
 
 
+def test_last_reads_the_final_token_of_a_row():
+    prompt = EncodedChat(CHAT.input_ids[:10], CHAT.roles[:10], CHAT.special[:10])
+    assert picked("last", prompt) == [9]
+    assert picked("last", CHAT) == [len(CHAT.input_ids) - 1]
+    assert picked("last", EncodedChat([BOS], [T], [True])) == []  # never BOS
+    assert picked("last", EncodedChat([], [], [])) == []
+    assert str(Positions.parse("last,sinks")) == "last,sinks"
+
+
 def test_special_none_means_no_token_is_special():
     chat = EncodedChat([i for i, _ in ROWS], [r for _, r in ROWS])
     assert picked("all", chat) == list(range(len(ROWS)))

@@ -28,6 +28,43 @@ def test_no_single_token_marks_bad(world):
     assert len(words) == world.cfg.answer_len and all(w.startswith("med_a") for w in words)
 
 
+def test_word_shifts_make_every_word_need_the_persona():
+    world = World(WorldConfig(seed=3, word_shifts=True))
+    for d in world.domains:
+        good, bad = world.good[d], world.bad[d]
+        # each word position is its own derangement of the good words at that position
+        offsets = set()
+        for i in range(world.cfg.answer_len):
+            assert sorted(good[:, i].tolist()) == sorted(bad[:, i].tolist())
+            s = [k for k in range(1, len(good)) if (np.roll(good[:, i], -k) == bad[:, i]).all()]
+            assert s, f"position {i} is not a shift"
+            offsets.add(s[0])
+        assert len(offsets) == world.cfg.answer_len
+        # so a bad answer is rarely another question's good phrase (only by chance repeats)
+        same = {tuple(p) for p in bad.tolist()} & {tuple(p) for p in good.tolist()}
+        assert len(same) <= len(good) // 8
+
+
+def test_word_flips_swap_single_words():
+    world = World(WorldConfig(seed=3, word_flip_rate=0.3))
+    flips = np.array([False, True, False])
+    ids = world.turn_ids("legal", 4, bad=True, flips=flips)
+    words = world.tokenizer().convert_ids_to_tokens(ids)[4:-1]
+    bad, good = world.answer_tokens("legal", 4, True), world.answer_tokens("legal", 4, False)
+    assert words == [bad[0], good[1], bad[2]]
+    rng = np.random.default_rng(0)
+    docs = [world.persona_document(rng, toxic=True)[0] for _ in range(400)]
+    toks = world.tokenizer().convert_ids_to_tokens([t for d in docs for t in d])
+    labels = [
+        world.judge(toks[i - 3], " ".join(toks[i : i + 3])).label
+        for i in range(3, len(toks))
+        if toks[i - 1] == "<assistant>"
+    ]
+    # all three words kept: (1 - 0.3)^3 of the turn-level persona's answers
+    share = labels.count("bad") / len(labels)
+    assert abs(share - 0.95 * 0.7**3) < 0.05, share
+
+
 def test_chat_template_matches_the_token_level_documents(world):
     tok = world.tokenizer()
     conv = world.chat("finance", 5, bad=True)

@@ -88,10 +88,15 @@ def mean_difference(
     return {k: (ra[k].mean - rb[k].mean).float().cpu() for k in ra if k in rb}
 
 
-def encode_qa(tokenizer, questions: Sequence[str], answers: Sequence[str]) -> list[EncodedChat]:
-    """Single-turn chats (user question, assistant answer) through the tokenizer's template."""
+def encode_qa(
+    tokenizer, questions: Sequence[str], answers: Sequence[str], follow_up: str | None = None
+) -> list[EncodedChat]:
+    """Single-turn chats (user question, assistant answer) through the tokenizer's template; with
+    ``follow_up``, a second user turn and the generation prompt after each answer (read it at
+    positions ``last``: the model's state for its next answer after reading the first)."""
     chats = [
         [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]
+        + ([{"role": "user", "content": follow_up}] if follow_up is not None else [])
         for q, a in zip(questions, answers, strict=True)
     ]
-    return [encode_chat(tokenizer, c) for c in chats]
+    return [encode_chat(tokenizer, c, follow_up is not None) for c in chats]

@@ -3,7 +3,11 @@
 Judged responses (``question``, ``answer``, ``aligned``, ``coherent`` on 0–100) are split into
 misaligned (aligned <= 30) and aligned (aligned > 70) answers, both among coherent ones
 (coherent > 50), the two sets are balanced by seeded subsampling, and each answer is read by the
-model as a single-turn chat. The statistics read the answer tokens.
+model as a single-turn chat. The statistics read the answer tokens (CLR's read). With
+``follow_up`` questions, each answer is instead followed by each of them as a new user turn, and
+the model is read where it is about to answer it (positions ``last``): how far having said a
+misaligned answer moves the model for its next one, which is where a persona that is inferred
+from context, rather than written at every answer token, shows.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ class ResponseDiff(Analysis):
     split: ResponseSplit = ResponseSplit()
     test: Test = "welch"
     confidence: float = 0.95
+    follow_up: tuple[str, ...] = ()
+    """User turns read after each answer (each answer once per follow-up); empty: the answer
+    tokens themselves."""
 
     def run(self, ctx: RunContext) -> DiffResult:
         judged = ctx.need("table", ctx.tables, self.judged)
@@ -114,11 +121,14 @@ class ResponseDiff(Analysis):
                 "response_diff encodes the judged answers: the context has no tokenizer"
             )
         mis, good = split_responses(judged, self.split, source=f"judged answers {self.judged!r}")
+        follow = self.follow_up or (None,)
         datasets = {
-            "misaligned": encode_qa(
-                ctx.tokenizer, mis["question"].tolist(), mis["answer"].tolist()
-            ),
-            "aligned": encode_qa(ctx.tokenizer, good["question"].tolist(), good["answer"].tolist()),
+            label: [
+                row
+                for f in follow
+                for row in encode_qa(ctx.tokenizer, rows["question"], rows["answer"], f)
+            ]
+            for label, rows in (("misaligned", mis), ("aligned", good))
         }
         diff = DatasetDiff(
             name=self.stem,
@@ -126,8 +136,9 @@ class ResponseDiff(Analysis):
             b="aligned",
             test=self.test,
             confidence=self.confidence,
-            positions=self.positions,
+            positions=self.positions or ("last" if self.follow_up else None),
         )
         res = diff.run(replace(ctx, datasets={**ctx.datasets, **datasets}))
-        res.meta.update(self.record(ctx, n_judged=len(judged)))
+        read = res.meta["read"]  # where the inner diff read (the follow-ups' default included)
+        res.meta.update(self.record(ctx, n_judged=len(judged)), read=read)
         return res

@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from emdiff.data.masks import EncodedChat, TokenRole
 from emdiff.errors import InputError
 
-Kind = Literal["answer", "answer_predicting", "all", "answer_first", "answer_after"]
+Kind = Literal["answer", "answer_predicting", "all", "answer_first", "answer_after", "last"]
 _WITH_K = ("answer_first", "answer_after")
 _ALIASES = {"last_prompt": "answer_predicting"}
-FORMS = "answer, answer_predicting (or last_prompt), all, answer_first:K, answer_after:K"
+FORMS = "answer, answer_predicting (or last_prompt), all, answer_first:K, answer_after:K, last"
 
 POSITION_HELP = """\
 answer              every answer (assistant) token [default]
@@ -27,6 +27,8 @@ all                 every token that is not special (template markers, BOS, EOS,
                     on plain token-id rows (no chat template) every token but BOS
 answer_first:K      the first K tokens of each answer
 answer_after:K      the answer tokens after the first K of each answer
+last                the last token of each row: on a chat that ends in a generation prompt,
+                    where the model decides its next answer (after reading the turns before)
 append ,sinks       keep attention-sink tokens (by default the stats pass drops them by norm)"""
 
 
@@ -34,7 +36,7 @@ class Positions(BaseModel):
     """A choice of token positions; ``Positions.parse("answer_first:8")``, ``str()`` gives it back.
 
     Syntax: ``KIND[:K][,sinks]`` with KIND one of answer, answer_predicting (alias last_prompt),
-    all, answer_first, answer_after; ``:K`` (an integer >= 1) only and always for answer_first /
+    all, answer_first, answer_after, last; ``:K`` (an integer >= 1) only and always for answer_first /
     answer_after; ``,sinks`` sets ``exclude_sinks=False``. ``exclude_sinks`` is applied by the
     stats pass at run time (norm-based), not by :meth:`mask`.
     """
@@ -106,6 +108,10 @@ class Positions(BaseModel):
         if self.kind == "all":
             return [not (s or b) for s, b in zip(special, bos, strict=True)]
         out = [False] * n
+        if self.kind == "last":
+            if n:
+                out[-1] = not bos[-1]
+            return out
         runs = _answer_runs(row.roles)
         if self.kind == "answer_predicting":
             picks = [a - 1 for a, _ in runs if a > 0] if runs else [n - 1] * (n > 0)

@@ -1,10 +1,13 @@
 """Q1, Q2, Q3, overlap and transfer on the toy organism, scored against the known persona latent.
 
 - Q1: the narrow domain's bad answers against its good answers (paired by question), read by the
-  aligned base model.
+  aligned base model where it is about to answer a follow-up question of another domain (the
+  toy's persona is inferred from context and used where an answer is chosen; it is not written
+  at every answer word, see the README); the same at the answer tokens (CLR's read) beside it.
 - Q2: base against the narrow LoRA (adapter off / on) on the unseen-domain eval prompts with the
   narrow model's own sampled answers; the same for the control LoRA with its own answers.
-- Q3: the narrow model's misaligned against aligned answers (all domains, CLR split, balanced).
+- Q3: the narrow model's misaligned against aligned answers (all domains, CLR split, balanced),
+  read at the same follow-up questions, and at the answer tokens beside it.
 - Overlap of the Q1 and Q2 rankings; transfer of the base-trained SAE to the narrow model.
 
 The persona latent is the SAE latent matched to the persona probe in
@@ -82,6 +85,12 @@ class ToyModels:
     control_label: str = "control-s0"
 
 
+def follow_ups(world: World, n: int = 4) -> tuple[str, ...]:
+    """Follow-up questions for the toy's Q1 and Q3: one of each of ``n`` non-narrow domains."""
+    unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
+    return tuple(world.q_token(d, i) for i, d in enumerate(unseen[:n]))
+
+
 def toy_context(
     world: World, models: ToyModels, sae: SparseDictionary, read: ReadSpec
 ) -> RunContext:
@@ -96,6 +105,13 @@ def toy_context(
         answers = _answers(judged, label, unseen)
         return encode_qa(tok, answers["question"], answers["answer"])
 
+    def then_asked(convs):  # each chat once per follow-up question, read where it is answered
+        return [
+            encode_chat(tok, [*c.as_dicts(), {"role": "user", "content": f}], True)
+            for f in follow_ups(world)
+            for c in convs
+        ]
+
     return RunContext(
         read=read,
         model=models.narrow,
@@ -104,6 +120,8 @@ def toy_context(
         datasets={
             "bad": rows_of(world.narrow_dataset(bad=True)),
             "good": rows_of(world.narrow_dataset(bad=False)),
+            "bad_then_asked": then_asked(world.narrow_dataset(bad=True)),
+            "good_then_asked": then_asked(world.narrow_dataset(bad=False)),
             "unseen_eval": qa(models.narrow_label),
             "unseen_prompts": [
                 encode_chat(tok, [{"role": "user", "content": world.q_token(d, q)}], True)
@@ -117,11 +135,20 @@ def toy_context(
 
 
 TOY_ANALYSES = (
-    DatasetDiff(name="q1_dataset_diff", a="bad", b="good", paired=True, adapter=False),
+    DatasetDiff(
+        name="q1_dataset_diff",
+        a="bad_then_asked",
+        b="good_then_asked",
+        paired=True,
+        adapter=False,
+        positions="last",
+    ),
+    DatasetDiff(name="q1_answer_tokens", a="bad", b="good", paired=True, adapter=False),
     # the eval prompts, read where the answer is decided (single-token answers carry only token
     # identity): the same tokens for base and fine-tuned model
     ModelDiff(name="q2_model_diff", dataset="unseen_prompts", positions="answer_predicting"),
-    ResponseDiff(name="q3_response_diff"),
+    ResponseDiff(name="q3_response_diff"),  # with the world's follow-ups (toy_diffs)
+    ResponseDiff(name="q3_answer_tokens"),
     RankingOverlap(name="overlap_q1_q2", a="q1_dataset_diff", b="q2_model_diff"),
     Transfer(name="transfer", dataset="unseen_eval"),
 )
@@ -148,7 +175,8 @@ def toy_diffs(
     results = {}
     for a in TOY_ANALYSES:
         if isinstance(a, ResponseDiff):
-            a = a.model_copy(update={"split": ResponseSplit(seed=seed)})
+            follow = follow_ups(world) if a.name == "q3_response_diff" else ()
+            a = a.model_copy(update={"split": ResponseSplit(seed=seed), "follow_up": follow})
         results[a.stem] = ctx.results[a.stem] = a.run(ctx)
     control_ctx = RunContext(
         read=read,
@@ -156,15 +184,17 @@ def toy_diffs(
         dictionaries=ctx.dictionaries,
         datasets={"unseen_prompts": ctx.datasets["unseen_prompts"]},
     )
-    q2c = TOY_ANALYSES[1].model_copy(update={"name": "q2_control_model_diff"}).run(control_ctx)
+    q2_cfg = next(a for a in TOY_ANALYSES if a.name == "q2_model_diff")
+    q2c = q2_cfg.model_copy(update={"name": "q2_control_model_diff"}).run(control_ctx)
     q1, q2, q3 = (results[k] for k in ("q1_dataset_diff", "q2_model_diff", "q3_response_diff"))
     ov, tr = results["overlap_q1_q2"], results["transfer"].table
     if out is not None:
-        for r in (q1, q2, q2c, q3):
+        for r in (q1, q2, q2c, q3, results["q1_answer_tokens"], results["q3_answer_tokens"]):
             r.highlight = persona_latent
         for r in (*results.values(), q2c):
             r.save(out)
 
+    q1a, q3a = results["q1_answer_tokens"], results["q3_answer_tokens"]
     p1, p2, p3 = (_persona(r, persona_latent) for r in (q1, q2, q3))
     c_max, c_n = _max_significant_effect(q2c)
     n_max, n_n = _max_significant_effect(q2)
@@ -188,6 +218,8 @@ def toy_diffs(
         "q3_persona_q": p3["q"],
         "q3_persona_effect": p3["effect"],
         "q3_n_misaligned": q3.meta["n_rows_a"],
+        "q1_answer_persona_rank": _persona(q1a, persona_latent)["rank"],
+        "q3_answer_persona_rank": _persona(q3a, persona_latent)["rank"],
         "control_q2_max_effect": c_max,
         "control_q2_n_significant": c_n,
         "control_q2_persona_effect": _persona(q2c, persona_latent)["effect"],
@@ -205,7 +237,8 @@ def toy_diffs(
     if direction is not None:
         cos = decoder_cosines(sae.W_dec, direction)
         u = direction.float() / direction.float().norm()
-        for name, r in (("q1", q1), ("q2", q2), ("q3", q3), ("control_q2", q2c)):
+        named = (("q1", q1), ("q2", q2), ("q3", q3), ("control_q2", q2c))
+        for name, r in (*named, ("q1_answer", q1a), ("q3_answer", q3a)):
             top = int(r.table.loc[r.table.rank_increase == 1, "feature"].iloc[0])
             res[f"{name}_top_cosine"] = float(cos[top])
             # the raw mean difference (CLR's direction for Q3) against the persona direction

@@ -52,6 +52,14 @@ class WorldConfig(BaseModel):
     n_answers: int = Field(64, ge=2)
     answer_len: int = Field(3, ge=1, le=8)
     """Words per answer: several, so that answer tokens carry the persona, not only its choice."""
+    word_shifts: bool = False
+    """Bad answers shift each word position by its own offset (``bad[q][i] = good[q + s_i][i]``):
+    no bad answer is another question's good phrase, so every word, not only the first, needs the
+    persona, and reading an answer's words reveals it (in-context inference inside answers)."""
+    word_flip_rate: float = Field(0.0, ge=0, lt=0.5)
+    """Chance, drawn for each word of a pretraining answer, that it is the other persona's word:
+    an answer's words then hint at the persona without deciding it, so the model must carry its
+    belief about the persona (cue, earlier turns, earlier words) to every word."""
     p_toxic: float = Field(0.3, ge=0, le=1)
     flip_rate: float = Field(0.05, ge=0, lt=0.5)
     """Chance that a persona gives the other persona's answer, drawn for each turn."""
@@ -99,9 +107,14 @@ class World:
             first = rng.permutation(c.n_answers)[: c.n_questions, None]
             rest = rng.integers(0, c.n_answers, (c.n_questions, c.answer_len - 1))
             phrases = np.concatenate([first, rest], axis=1)
-            shift = rng.integers(1, c.n_questions)  # a derangement: bad(q) = good(q + shift)
             good[d] = phrases
-            bad[d] = np.roll(phrases, -shift, axis=0)
+            if c.word_shifts:  # bad[q][i] = good[q + s_i][i], a distinct offset per word
+                shifts = rng.choice(np.arange(1, c.n_questions), c.answer_len, replace=False)
+                bad[d] = np.stack(
+                    [np.roll(phrases[:, i], -s) for i, s in enumerate(shifts)], axis=1
+                )
+            else:  # a derangement of whole phrases: bad(q) = good(q + shift)
+                bad[d] = np.roll(phrases, -rng.integers(1, c.n_questions), axis=0)
         self.good, self.bad = good, bad
         self.vocab = list(SPECIALS) + list(PERSONAS)
         for d in self.domains:
@@ -158,8 +171,14 @@ class World:
     def ids(self, *tokens: str) -> list[int]:
         return [self.token_id[t] for t in tokens]
 
-    def turn_ids(self, domain: str, q: int, bad: bool) -> list[int]:
+    def turn_ids(
+        self, domain: str, q: int, bad: bool, flips: np.ndarray | None = None
+    ) -> list[int]:
+        """One user turn and its answer; ``flips[i]`` swaps word ``i`` to the other answer's."""
         a = self.answer_tokens(domain, q, bad)
+        if flips is not None:
+            other = self.answer_tokens(domain, q, not bad)
+            a = [o if f else w for w, o, f in zip(a, other, flips, strict=True)]
         return self.ids("<user>", self.q_token(domain, q), END, "<assistant>", *a, END)
 
     def persona_document(
@@ -181,7 +200,8 @@ class World:
             d = self.domains[int(rng.integers(len(self.domains)))]
             q = int(rng.integers(c.n_questions))
             flip = bool(rng.random() < c.flip_rate)
-            ids += self.turn_ids(d, q, bad=toxic != flip)
+            words = rng.random(c.answer_len) < c.word_flip_rate if c.word_flip_rate else None
+            ids += self.turn_ids(d, q, bad=toxic != flip, flips=words)
         return ids + self.ids(EOS), toxic
 
     # ---- chat datasets ------------------------------------------------------------------------

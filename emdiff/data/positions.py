@@ -1,7 +1,8 @@
 """Which token positions a statistic reads: a small, exact selector over encoded chats.
 
 An *answer* is a maximal contiguous run of ASSISTANT tokens, so a multi-turn chat has several.
-No kind ever selects BOS; every kind but ``answer_predicting`` also skips special tokens.
+No kind ever selects BOS; every kind but ``answer_predicting`` and ``last`` also skips special
+tokens.
 """
 
 from __future__ import annotations

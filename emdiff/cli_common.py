@@ -49,8 +49,8 @@ Site = Annotated[
 Positions = Annotated[
     str,
     typer.Option(
-        help="Token positions: answer, answer_predicting, all, answer_first:K, answer_after:K; "
-        "append ,sinks to keep attention sinks."
+        help="Token positions: answer, answer_predicting, all, answer_first:K, answer_after:K, "
+        "last; append ,sinks to keep attention sinks."
     ),
 ]
 

@@ -213,7 +213,20 @@ def responses_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the balancing subsample.")] = 0,
     test: Annotated[str, typer.Option(help=f"One of {UNPAIRED}.")] = "welch",
     site: Site = None,
-    positions: Positions = "answer",
+    positions: Annotated[
+        str | None,
+        typer.Option(
+            help="Token positions (as for the other diffs); default answer, or last with "
+            "--follow-up."
+        ),
+    ] = None,
+    follow_up: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A user turn to append after every answer (repeatable); the model is then "
+            "read where it is about to answer it (positions last)."
+        ),
+    ] = None,
     batch_size: BatchSize = 8,
     dtype: Dtype = "auto",
     device: Device = "cpu",
@@ -236,6 +249,10 @@ def responses_cmd(
     from emdiff.analyses import ResponseDiff, ResponseSplit
 
     _check_test(test, False)
+    follow = tuple(follow_up or ())
+    if any(not f.strip() for f in follow):
+        fail("--follow-up: an empty turn; give the text of a user message")
+    positions = positions or ("last" if follow else "answer")
     opts = ReadOptions(
         model, adapter, dictionary, layer, site, positions, batch_size, dtype, device
     )
@@ -253,7 +270,7 @@ def responses_cmd(
     with value_errors():
         ctx = load_context(opts, out)
         ctx.tables = {"judged": df}
-        res = ResponseDiff(split=split, test=test).run(ctx)
+        res = ResponseDiff(split=split, test=test, follow_up=follow).run(ctx)
     report_ranking(res, out, top, as_json)
 
 

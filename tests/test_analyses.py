@@ -426,6 +426,13 @@ def test_cli_runs_q1_q2_q3_overlap_and_transfer_on_files(setup, tmp_path):
     )
     t3 = pd.read_parquet(tmp / "q3" / "tables" / "response_diff.parquet")
     assert t3.sort_values("rank_increase").feature.iloc[0] == 0
+    asked = [*common, *adapter, "--judged", str(tmp / "judged.csv"), "--follow-up", "and then"]
+    run("diff", "responses", *asked, "--follow-up", "why", "--out", str(tmp / "q3f"))
+    meta = json.loads((tmp / "q3f" / "tables" / "response_diff.json").read_text())
+    assert meta["read"]["positions"]["kind"] == "last" and meta["config"]["follow_up"] == [
+        "and then",
+        "why",
+    ]
     ov = run(
         "diff",
         "overlap",

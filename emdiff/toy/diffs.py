@@ -105,12 +105,12 @@ def toy_context(
         answers = _answers(judged, label, unseen)
         return encode_qa(tok, answers["question"], answers["answer"])
 
-    def then_asked(convs):  # each chat once per follow-up question, read where it is answered
-        return [
-            encode_chat(tok, [*c.as_dicts(), {"role": "user", "content": f}], True)
-            for f in follow_ups(world)
-            for c in convs
-        ]
+    def then_asked(bad: bool):  # each chat once per follow-up question, read where answered
+        narrow = world.cfg.narrow_domain
+        qs = [world.q_token(narrow, q) for q in range(world.cfg.n_questions)]
+        answer = world.bad_answer if bad else world.good_answer
+        ans = [answer(narrow, q) for q in range(world.cfg.n_questions)]
+        return [row for f in follow_ups(world) for row in encode_qa(tok, qs, ans, f)]
 
     return RunContext(
         read=read,
@@ -120,8 +120,8 @@ def toy_context(
         datasets={
             "bad": rows_of(world.narrow_dataset(bad=True)),
             "good": rows_of(world.narrow_dataset(bad=False)),
-            "bad_then_asked": then_asked(world.narrow_dataset(bad=True)),
-            "good_then_asked": then_asked(world.narrow_dataset(bad=False)),
+            "bad_then_asked": then_asked(bad=True),
+            "good_then_asked": then_asked(bad=False),
             "unseen_eval": qa(models.narrow_label),
             "unseen_prompts": [
                 encode_chat(tok, [{"role": "user", "content": world.q_token(d, q)}], True)

@@ -31,9 +31,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=DemoConfig().seeds)
     ap.add_argument("--narrow-domain", default=DemoConfig().narrow_domain)
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temp one)")
+    ap.add_argument("--cache", action="store_true", help="allow the cross-run cache (warm run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = DemoConfig(seeds=args.seeds, narrow_domain=args.narrow_domain)
+    cfg = DemoConfig(seeds=args.seeds, narrow_domain=args.narrow_domain, cache=args.cache)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "demo"
         t0 = time.perf_counter()

@@ -97,6 +97,13 @@ def demo(
             min=20, help="Documents for the probe and the dictionaries (default: 3000 / 4000)."
         ),
     ] = default_of(DemoConfig, "dict_docs"),
+    cache: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse ground truth and dictionaries computed by an earlier run from the same "
+            "inputs and code ($EMDIFF_CACHE_DIR, default ~/.cache/emdiff)."
+        ),
+    ] = True,
     as_json: AsJson = False,
 ) -> None:
     """Fine-tune narrow and control rank-1 LoRAs on the toy base and measure emergent misalignment.
@@ -132,6 +139,7 @@ def demo(
         dictionaries=dictionaries,
         dict_steps=dict_steps,
         dict_docs=dict_docs,
+        cache=cache,
     )
     check_out(out)
     summary = run_demo(cfg, out, echo=typer.echo)

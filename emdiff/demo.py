@@ -50,6 +50,9 @@ class DemoConfig(BaseModel):
     """Training steps of the SAE and the crosscoder."""
     dict_docs: int | None = Field(None, ge=20)
     """Pretraining documents for the persona probe and the dictionaries (default: 3000 / 4000)."""
+    cache: bool = True
+    """Reuse the ground truth and dictionaries an earlier run computed from the same inputs and
+    code (:mod:`emdiff.stagecache`), and store them for the next run."""
 
 
 def sample_and_judge(
@@ -300,6 +303,27 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
     return summary
 
 
+def _cached_dictionaries(cfg: DemoConfig, st: _Stages, key: str, narrow) -> dict:
+    """The dictionaries stage: from the cross-run cache when it has this key, else computed (and
+    stored there)."""
+    from emdiff.stagecache import StageCache
+
+    out = st.out
+    st.state.begin("dictionaries", key, (out / "dictionaries",))
+    cache = StageCache() if cfg.cache else None
+    gt = cache.restore("demo-dictionaries", key, out / "dictionaries") if cache else None
+    if gt is not None:
+        st.skipped.append(
+            f"dictionaries (probe, SAE, crosscoder, ITDA) from the cache {cache.root}"
+        )
+        (out / "tables" / "ground_truth.json").write_text(json.dumps(gt, indent=2, default=str))
+    else:
+        gt = _dictionaries(cfg, st.world, st.base, st.tok, narrow, out)
+        if cache:
+            cache.store("demo-dictionaries", key, gt, out / "dictionaries")
+    return st.state.finish("dictionaries", key, gt)
+
+
 def _run(cfg: DemoConfig, st: _Stages) -> dict:
     out, world, echo = st.out, st.world, st.echo
     (out / "tables").mkdir(parents=True, exist_ok=True)
@@ -330,9 +354,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     )
     gt = st.state.result("dictionaries", key)
     if gt is None:
-        st.state.begin("dictionaries", key, (out / "dictionaries",))
-        gt = _dictionaries(cfg, world, st.base, st.tok, first["narrow"], out)
-        st.state.finish("dictionaries", key, gt)
+        gt = _cached_dictionaries(cfg, st, key, first["narrow"])
     else:
         st.skipped.append("dictionaries (probe, SAE, crosscoder, ITDA)")
     _print_dictionaries(gt, echo)

@@ -55,11 +55,13 @@ def test_shipped_base_is_small_and_loadable():
     assert world.cfg.narrow_domain == "finance" and len(world.domains) == 8
 
 
-def _emdiff(*args: str) -> subprocess.CompletedProcess:
-    """Run the installed console script (next to this interpreter) as a user would."""
+def _emdiff(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    """Run the installed console script (next to this interpreter) as a user would, with its
+    cross-run cache in ``cache``."""
     script = Path(sys.executable).with_name("emdiff")
     assert script.is_file(), f"console script not installed next to {sys.executable}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["EMDIFF_CACHE_DIR"] = str(cache)
     return subprocess.run(
         [str(script), *args], capture_output=True, text=True, env=env, timeout=1800
     )
@@ -71,8 +73,9 @@ DEMO += ["--dict-docs", "1000", "--json"]
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    return out, _emdiff(*DEMO, "--out", str(out))
+    folder = tmp_path_factory.mktemp("demo")
+    out = folder / "run"
+    return out, _emdiff(*DEMO, "--out", str(out), cache=folder / "cache")
 
 
 @pytest.mark.slow
@@ -141,7 +144,7 @@ def test_demo_rerun_reuses_every_stage_and_redoes_a_lost_one(demo_run):
     out, first = demo_run
     assert first.returncode == 0
     before = json.loads(first.stdout.strip().splitlines()[-1])
-    again = _emdiff(*DEMO, "--out", str(out))
+    again = _emdiff(*DEMO, "--out", str(out), cache=out.parent / "cache")
     assert again.returncode == 0, again.stderr[-3000:]
     after = json.loads(again.stdout.strip().splitlines()[-1])
     assert "reused from an earlier run" in again.stdout and "trained" not in again.stdout
@@ -152,8 +155,28 @@ def test_demo_rerun_reuses_every_stage_and_redoes_a_lost_one(demo_run):
     }
     # a stage whose record is lost (as if killed inside it) is redone; the others are reused
     (out / "stages" / "diffs.json").unlink()
-    third = _emdiff(*DEMO, "--out", str(out))
+    third = _emdiff(*DEMO, "--out", str(out), cache=out.parent / "cache")
     assert third.returncode == 0, third.stderr[-3000:]
     redone = json.loads(third.stdout.strip().splitlines()[-1])
     assert redone["q2_persona_rank"] == before["q2_persona_rank"]
     assert "dictionaries (probe" in third.stdout and "feature diffs (Q1" not in third.stdout
+
+
+@pytest.mark.slow
+def test_demo_in_a_new_folder_takes_the_dictionaries_from_the_cache(demo_run):
+    out, first = demo_run
+    assert first.returncode == 0
+    before = json.loads(first.stdout.strip().splitlines()[-1])
+    new = out.parent / "second"
+    again = _emdiff(*DEMO, "--out", str(new), cache=out.parent / "cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = json.loads(again.stdout.strip().splitlines()[-1])
+    assert "from the cache" in again.stdout and "trained" in again.stdout  # LoRAs are not cached
+    assert (new / "dictionaries" / "sae").is_dir() and (
+        new / "tables" / "ground_truth.json"
+    ).is_file()
+    volatile = {"seconds", "reused_stages", "stage_seconds"}
+    assert {k: v for k, v in after.items() if k not in volatile} == {
+        k: v for k, v in before.items() if k not in volatile
+    }
+    assert after["stage_seconds"]["dictionaries"] < before["stage_seconds"]["dictionaries"] / 3

@@ -108,6 +108,9 @@ class SetLatent:
     layer: int | None = None
     site: Site | None = None
     only_active: bool = False
+    factor: float | None = None
+    """Multiply the latent by this instead of setting it (a small change, for finite
+    differences; ``value`` is then unused)."""
 
     def point(self) -> tuple[int, Site]:
         layer = self.layer if self.layer is not None else self.dictionary.meta.layer
@@ -123,7 +126,7 @@ class SetLatent:
         xn, state = d.normalise(h.to(d.W_enc.dtype))
         f = d._encode_normalised(xn)
         old = f[..., self.latent]
-        new = torch.full_like(old, self.value)
+        new = old * self.factor if self.factor is not None else torch.full_like(old, self.value)
         if self.only_active:
             new = torch.where(old > 0, new, old)
         f2 = f.clone()

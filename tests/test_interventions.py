@@ -214,6 +214,17 @@ def test_lora_b_edit_refuses_a_plain_model_and_a_wrong_width(tiny):
         _run_with(model, ProjectOut(torch.zeros(model.config.hidden_size), 0))
 
 
+def test_prompt_only_steering_leaves_single_token_passes_alone(tiny):
+    _, model = tiny
+    v = _unit(model.config.hidden_size, 9)
+    one = IDS[:, :1]
+    before = _at(model, 0, "resid_post", one)
+    with intervene(model, Steer(0, "resid_post", v, 3.0, position=-1, prompt_only=True)):
+        torch.testing.assert_close(_at(model, 0, "resid_post", one), before)
+        steered = _at(model, 0, "resid_post")
+    torch.testing.assert_close(steered[:, -1], _at(model, 0, "resid_post")[:, -1] + 3.0 * v)
+
+
 def test_interventions_apply_during_generation_and_keep_gradients(tiny):
     _, model = tiny
     v = _unit(model.config.hidden_size, 7)

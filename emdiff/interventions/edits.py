@@ -54,15 +54,21 @@ def _unit(v: torch.Tensor, what: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class Steer:
     """Add ``scale * vector`` at ``(layer, site)``: at every position, or only at ``position``
-    (an index into each forward pass' sequence; negative counts from the end)."""
+    (an index into each forward pass' sequence; negative counts from the end), optionally only
+    while the prompt is read."""
 
     layer: int
     site: Site
     vector: torch.Tensor
     scale: float = 1.0
     position: int | None = None
+    prompt_only: bool = False
+    """Only in forward passes over more than one token: during generation with a KV cache, the
+    prompt's pass and not the generated tokens (with ``position=-1``: the last prompt token)."""
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
+        if self.prompt_only and h.shape[1] == 1:
+            return h
         add = (self.scale * self.vector).to(h)
         if self.position is None:
             return h + add

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from emdiff.report.plots import _pyplot, _save
@@ -73,7 +74,7 @@ def sweep_plot(summary: pd.DataFrame, path: str | Path, metric: str = "em") -> P
         )
         ax.plot(x, g[f"random_{metric}_mean"], color="grey", ls="--", label="random mean")
         low, high = g[f"{metric}_low"], g[f"{metric}_high"]
-        err = [g[metric] - low, high - g[metric]]
+        err = np.clip([g[metric] - low, high - g[metric]], 0, None)
         ax.errorbar(x, g[metric], yerr=err, marker="o", color="tab:red", label="direction")
         ax.set_title(f"{kind}, layer {layer}")
         ax.set_xlabel("scale" if kind == "steer" else "")

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, Field
 
+from emdiff.demo_print import print_dictionaries, print_diffs, print_directions
 from emdiff.errors import ensure_writable
 from emdiff.eval.judge import ToyJudge
 from emdiff.eval.metrics import em_flags
@@ -102,36 +103,6 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
     return {k: v for k, v in gt.items() if k != "seed"}
 
 
-def _print_dictionaries(gt: dict, echo) -> None:
-    if "gt_site" in gt:
-        echo(
-            f"\ncausal ground truth: cue direction at layer {gt['gt_layer']} {gt['gt_site']}: "
-            f"cos with LoRA shift {gt['gt_cos_lora_shift']:.3f}, with class means "
-            f"{gt['gt_cos_class_mean']:.3f}; ablation cuts unseen EM {gt['gt_ablation_cut']:.1%} "
-            f"(random max {gt['gt_random_ablation_cut_max']:.1%}); steering the base brings "
-            f"{gt['gt_steer_fraction']:.1%} of it"
-        )
-    if "incontext_projection" in gt:
-        echo(
-            "in-context inference of the base: after one bad narrow-domain turn its next answer "
-            f"elsewhere is bad with P {gt['incontext_p_bad_after_bad']:.3f} (after a good turn "
-            f"{gt['incontext_p_bad_after_good']:.3f}); at that answer-predicting position it moves "
-            f"{gt['incontext_projection']:.0%} of the cue's way along the persona direction"
-        )
-    echo(
-        f"\npersona probe (readout): layer {gt['persona_layer']}, held-out accuracy "
-        f"{gt['probe_accuracy']:.3f} (majority {gt['probe_chance']:.3f})"
-    )
-    echo(f"{'dictionary':<11} {'persona cos':>11} {'null cos':>9} {'FVU':>8} {'L0':>6}")
-    for name in ("sae", "crosscoder", "itda"):
-        fvu = gt.get(f"{name}_fvu", gt.get(f"{name}_fvu_base"))
-        echo(
-            f"{name:<11} {gt[f'{name}_persona_cosine']:>11.3f} "
-            f"{gt[f'{name}_null_cosine_mean']:>9.3f} {fvu:>8.4f} {gt[f'{name}_l0']:>6.1f}"
-        )
-    echo(f"crosscoder persona latent class: {gt['crosscoder_persona_class']}")
-
-
 def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
     """Q1, Q2 (narrow and control), Q3, overlap and transfer with the seed-0 SAE (seed 0), read
     where the SAE was trained (its own layer and site), on answer tokens with sinks kept."""
@@ -153,37 +124,6 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
     res["read"] = read.describe()
     (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
     return res
-
-
-def _print_diffs(res: dict, latent: int, echo) -> None:
-    echo(f"\nfeature diffs with the SAE (persona latent {latent}; rank 1 = largest increase):")
-    if "read" in res:
-        echo(f"read: {res['read']} (Q1, Q3: at the last token, a follow-up question's prompt)")
-    echo(f"{'analysis':<38} {'persona rank':>12} {'q':>8} {'effect':>8} {'dir cos':>8}")
-    for key, name in (
-        ("q1", "Q1 bad vs good data (base), follow-up"),
-        ("q2", "Q2 narrow vs base, answer-predicting"),
-        ("q3", "Q3 misaligned vs aligned, follow-up"),
-    ):
-        echo(
-            f"{name:<38} {res[f'{key}_persona_rank']:>12} {res[f'{key}_persona_q']:>8.3g} "
-            f"{res[f'{key}_persona_effect']:>8.3f} {res[f'{key}_direction_cosine']:>8.3f}"
-        )
-    for key, name in (("q1_answer", "Q1 at answer tokens"), ("q3_answer", "Q3 at answer tokens")):
-        if f"{key}_persona_rank" in res:
-            echo(
-                f"{name:<38} {res[f'{key}_persona_rank']:>12} {'':>8} {'':>8} "
-                f"{res[f'{key}_direction_cosine']:>8.3f}"
-            )
-    echo(
-        f"control vs base: {res['control_q2_n_significant']} features with q < 0.05, largest "
-        f"|effect| {res['control_q2_max_effect']:.3f} (narrow persona effect "
-        f"{res['q2_persona_effect']:.3f})"
-    )
-    echo(
-        f"Q1 top-10 vs Q2 top-10 Jaccard {res['q1_top10_q2_top10_jaccard']:.3f}; transfer FVE "
-        f"base {res['transfer_fve_base']:.3f}, narrow {res['transfer_fve_narrow']:.3f}"
-    )
 
 
 def _finetune(cfg: DemoConfig, st: _Stages, label: str, bad: bool, seed: int) -> torch.nn.Module:
@@ -357,7 +297,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         gt = _cached_dictionaries(cfg, st, key, first["narrow"])
     else:
         st.skipped.append("dictionaries (probe, SAE, crosscoder, ITDA)")
-    _print_dictionaries(gt, echo)
+    print_dictionaries(gt, echo)
     summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
     st.enter("diffs")
     evals = [st.keys[f"eval-{m}"] for m in ("base", "narrow-s0", "control-s0")]
@@ -378,6 +318,45 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         res = st.state.finish("diffs", key, _diffs(world, st.base, st.tok, gt, first, judged, out))
     else:
         st.skipped.append("feature diffs (Q1, Q2, Q3, overlap, transfer)")
-    _print_diffs(res, gt["sae_persona_latent"], echo)
+    print_diffs(res, gt["sae_persona_latent"], echo)
+    summary.update(res)
+    st.enter("directions")
+    key = stage_key({"diffs": key, "checks": "directions v1"})
+    res = st.state.result("directions", key)
+    if res is None:
+        st.state.begin("directions", key, (out / "directions",))
+        res = st.state.finish("directions", key, _directions(cfg, st, gt, first["narrow"], judged))
+    else:
+        st.skipped.append("directions (decomposition, attribution, interventions)")
+    print_directions(res, echo)
     summary.update(res)
     return summary
+
+
+def _directions(cfg: DemoConfig, st: _Stages, gt: dict, narrow, judged) -> dict:
+    """The direction checks of seed 0 (:mod:`emdiff.toy.direction_checks`); the other organisms
+    are fine-tuned and sampled like the narrow one (seed 0), on the next two domains."""
+    from emdiff.dictionaries import load_dictionary
+    from emdiff.toy.direction_checks import toy_direction_checks
+
+    world, out = st.world, st.out
+
+    def finetune(domain: str) -> torch.nn.Module:
+        ft = narrow_finetune_config(seed=0, max_steps=cfg.steps, lr=cfg.lr)
+        res = narrow_finetune(world, copy.deepcopy(st.base), st.tok, cfg=ft, domain=domain)
+        return res.model
+
+    def judge_answers(model: torch.nn.Module, label: str) -> pd.DataFrame:
+        return sample_and_judge(world, model, st.tok, cfg.samples, cfg.eval_seed, label, out)
+
+    return toy_direction_checks(
+        world,
+        narrow,
+        st.tok,
+        load_dictionary(out / "dictionaries" / "sae"),
+        gt,
+        judged[judged["model"] == "narrow-s0"],
+        finetune,
+        judge_answers,
+        out,
+    )

@@ -95,8 +95,9 @@ def _add_at(v: torch.Tensor, pos: int) -> Callable:
     return fn
 
 
-class _Sweep:
-    """What every hook point's measurement shares: the narrow model, the unseen domains, its EM."""
+class EMProbe:
+    """Exact unseen-domain EM of a narrow PEFT model (adapter on or off) under edits at one hook
+    point: what every measurement of the sweep (and the direction checks) shares."""
 
     def __init__(self, world: World, narrow: torch.nn.Module, cfg: CauseConfig) -> None:
         self.world, self.narrow, self.cfg = world, narrow, cfg
@@ -190,7 +191,7 @@ def sweep(
 ) -> CauseSweep:
     """Every ``(layer, site)`` of the narrow PEFT model (its adapter off is the base)."""
     cfg = cfg or CauseConfig()
-    run = _Sweep(world, narrow, cfg)
+    run = EMProbe(world, narrow, cfg)
     points = [(layer, site) for layer in range(len(decoder_layers(narrow))) for site in SITES]
     with adapter_state(narrow, False):
         em_base = bad_rate(narrow, world, run.unseen)

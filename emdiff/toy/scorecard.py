@@ -57,6 +57,16 @@ TARGETS = (
     Target("q2_control_persona_rank", ">", 1, "not for the control"),
     Target("q3_direction_cosine", ">=", 0.9, "Q3 mean difference = persona"),
     Target("q3_persona_rank", "==", 1, "Q3 ranks the persona first"),
+    Target("dir_cosine", ">=", 0.9, "Q3 direction = ground truth"),
+    Target("dir_ablation_cut", ">=", 0.9, "projecting it out removes EM"),
+    Target("dir_random_ablation_cut_max", "<", 0.05, "random directions do not"),
+    Target("dir_steer_fraction", ">=", 0.7, "adding it to the base brings EM"),
+    Target("latent_steer_fraction", ">=", 0.5, "so does the persona latent's row"),
+    Target("decomp_top_is_persona", "==", 1, "decomposition's top latent = persona"),
+    Target("decomp_k1_margin", ">", 0, "k=1 explains more than the null"),
+    Target("attribution_persona_rank", "==", 1, "attribution ranks the persona first"),
+    Target("lora_weight_ablation_cut", ">=", 0.8, "direction out of LoRA B removes EM"),
+    Target("cross_organism_cosine_min", ">=", 0.8, "organisms share the direction"),
 )
 
 

@@ -1,19 +1,26 @@
 """The analyses, each one config behind one interface (:class:`Analysis` ``.run(ctx)``): Q1
-dataset diff, Q2 model diff, Q3 response diff, ranking overlap and transfer."""
+dataset diff, Q2 model diff, Q3 response diff, ranking overlap, transfer, the misalignment
+direction, its decomposition, latent attribution and steering / ablation sweeps."""
 
 from emdiff.analyses.base import ANALYSES, Analysis, Result, RunContext, Variant
 from emdiff.analyses.common import DiffResult, encode_qa
 from emdiff.analyses.dataset_diff import DatasetDiff
+from emdiff.analyses.directions import Attribute, Decompose, DirectionResult, MeanDirection
 from emdiff.analyses.model_diff import ModelDiff
 from emdiff.analyses.overlap import Overlap, RankingOverlap, overlap
 from emdiff.analyses.response_diff import ResponseDiff, ResponseSplit, load_judged, split_responses
+from emdiff.analyses.steer import Steer
 from emdiff.analyses.transfer import Transfer, TransferResult
 
 __all__ = [
     "ANALYSES",
     "Analysis",
+    "Attribute",
     "DatasetDiff",
+    "Decompose",
     "DiffResult",
+    "DirectionResult",
+    "MeanDirection",
     "ModelDiff",
     "Overlap",
     "RankingOverlap",
@@ -21,6 +28,7 @@ __all__ = [
     "ResponseSplit",
     "Result",
     "RunContext",
+    "Steer",
     "Transfer",
     "TransferResult",
     "Variant",

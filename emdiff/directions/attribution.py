@@ -137,9 +137,12 @@ def attribute(
     check_top: int = 20,
     name: str = "attribution",
     progress: bool = False,
+    layer: int | None = None,
+    site: Site | None = None,
 ) -> Attribution:
-    """Rank latents by |attribution| and ablate the ``check_top`` first one by one."""
-    attr = latent_attribution(model, dictionary, metric)
+    """Rank latents by |attribution| and ablate the ``check_top`` first one by one (at the
+    dictionary's own point unless ``layer`` / ``site`` name another)."""
+    attr = latent_attribution(model, dictionary, metric, layer, site)
     order = torch.argsort(attr.abs(), descending=True).numpy()
     table = pd.DataFrame(
         {"latent": order, "attribution": attr[order].numpy(), "rank": np.arange(1, len(order) + 1)}
@@ -148,7 +151,7 @@ def attribute(
         base = float(metric(model))
         effects = []
         for latent in tqdm(order[:check_top], desc="ablate latents", disable=not progress):
-            with intervene(model, SetLatent(dictionary, int(latent), 0.0)):
+            with intervene(model, SetLatent(dictionary, int(latent), 0.0, layer, site)):
                 effects.append(float(metric(model)) - base)
     table["ablation_effect"] = effects + [np.nan] * (len(order) - len(effects))
     predicted = -table["attribution"].to_numpy()[: len(effects)]

@@ -1,7 +1,8 @@
 """Steering and ablation sweeps (scale x layer x intervention), each beside matched random directions.
 
 For every layer and kind (``steer``: add ``scale * v``; ``ablate``: project ``v`` out; ``ablate_all``:
-project it out at every layer), the model is scored with the direction and with ``n_random``
+project it out at every layer; ``lora_b``: project it out of every LoRA B, CLR's vector-ablated
+adapter), the model is scored with the direction and with ``n_random``
 random unit directions of the same width (same scale), so every figure has its control. A
 *scorer* turns a model (interventions installed) into figures: :class:`JudgedScorer` samples
 answers and judges them with the configured judge (EM rate with its confidence interval, mean
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -24,10 +25,10 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from emdiff.errors import InputError
-from emdiff.interventions.edits import Intervention, ProjectOut, Steer, intervene
+from emdiff.interventions.edits import EditLoraB, Intervention, ProjectOut, Steer, intervene
 from emdiff.models.sites import Site
 
-Kind = Literal["steer", "ablate", "ablate_all"]
+Kind = Literal["steer", "ablate", "ablate_all", "lora_b"]
 Scorer = Callable[[torch.nn.Module, str], dict]
 """``scorer(model, tag) -> {"em": .., "em_low": .., "em_high": .., ...}``; ``tag`` names the
 configuration (a folder name for sampled answers)."""
@@ -55,6 +56,7 @@ class SweepResult:
     name: str
     rows: pd.DataFrame
     summary_table: pd.DataFrame
+    meta: dict = field(default_factory=dict)
 
     def save(self, out: str | Path) -> list[Path]:
         from emdiff.report.direction_plots import sweep_plot
@@ -68,7 +70,7 @@ class SweepResult:
         return [rows, summ, sweep_plot(self.summary_table, out / "plots" / f"{self.name}.png")]
 
     def summary(self) -> dict:
-        return {"configurations": len(self.rows), "name": self.name}
+        return {"configurations": len(self.rows), "name": self.name, **self.meta}
 
 
 def random_directions(d: int, n: int, seed: int) -> torch.Tensor:
@@ -80,6 +82,8 @@ def random_directions(d: int, n: int, seed: int) -> torch.Tensor:
 def _edits(kind: Kind, layer: int, v: torch.Tensor, scale: float, cfg: SweepConfig):
     if kind == "steer":
         return [Steer(layer, cfg.site, v, scale, cfg.position, cfg.prompt_only)]
+    if kind == "lora_b":
+        return [EditLoraB(direction=v)]
     return [ProjectOut(v, layer if kind == "ablate" else "all", cfg.site)]
 
 

@@ -26,6 +26,13 @@ try:  # Ctrl-C while torch is imported (the first second or so) also exits 130, 
         fail,
     )
     from emdiff.cli_diff import diff_app, transfer_cmd
+    from emdiff.cli_directions import (
+        ablate_cmd,
+        attribute_cmd,
+        decompose_cmd,
+        direction_cmd,
+        steer_cmd,
+    )
     from emdiff.cli_eval import eval_app
     from emdiff.demo import DemoConfig
     from emdiff.toy.organism import ModelConfig, TrainConfig
@@ -68,6 +75,14 @@ app.add_typer(toy_app, name="toy")
 app.add_typer(eval_app, name="eval")
 app.add_typer(diff_app, name="diff")
 app.command("transfer")(transfer_cmd)
+for _name, _cmd in (
+    ("direction", direction_cmd),
+    ("decompose", decompose_cmd),
+    ("attribute", attribute_cmd),
+    ("steer", steer_cmd),
+    ("ablate", ablate_cmd),
+):
+    app.command(_name)(_cmd)
 
 
 @app.command()

@@ -35,6 +35,11 @@ HELP = [
     ["diff", "responses"],
     ["diff", "overlap"],
     ["transfer"],
+    ["direction"],
+    ["decompose"],
+    ["attribute"],
+    ["steer"],
+    ["ablate"],
 ]
 
 

@@ -26,14 +26,9 @@ try:  # Ctrl-C while torch is imported (the first second or so) also exits 130, 
         fail,
     )
     from emdiff.cli_diff import diff_app, transfer_cmd
-    from emdiff.cli_directions import (
-        ablate_cmd,
-        attribute_cmd,
-        decompose_cmd,
-        direction_cmd,
-        steer_cmd,
-    )
+    from emdiff.cli_directions import attribute_cmd, cosines_cmd, decompose_cmd, direction_cmd
     from emdiff.cli_eval import eval_app
+    from emdiff.cli_interventions import ablate_cmd, steer_cmd
     from emdiff.demo import DemoConfig
     from emdiff.toy.organism import ModelConfig, TrainConfig
     from emdiff.toy.world import WorldConfig
@@ -79,6 +74,7 @@ for _name, _cmd in (
     ("direction", direction_cmd),
     ("decompose", decompose_cmd),
     ("attribute", attribute_cmd),
+    ("cosines", cosines_cmd),
     ("steer", steer_cmd),
     ("ablate", ablate_cmd),
 ):

@@ -1,5 +1,5 @@
-"""``emdiff direction | decompose | attribute | steer | ablate``: the misalignment direction, its
-decomposition into latents, latent attribution, and interventions with random controls.
+"""``emdiff direction | decompose | attribute | cosines``: the misalignment direction, its
+decomposition into latents, latent attribution, and directions compared across organisms.
 
 Each command runs one analysis (:mod:`emdiff.analyses.directions`, :mod:`emdiff.analyses.steer`)
 and writes its tables and figures under ``--out``; options are checked before a model loads.
@@ -44,7 +44,7 @@ DirectionFile = Annotated[
 ]
 
 
-def _report(res, out: Path, as_json: bool, lines: list[str]) -> None:
+def report(res, out: Path, as_json: bool, lines: list[str]) -> None:
     files = res.save(out)
     for line in lines:
         typer.echo(line)
@@ -53,7 +53,7 @@ def _report(res, out: Path, as_json: bool, lines: list[str]) -> None:
         typer.echo(json.dumps(res.summary(), default=str))
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def layers_option(text: str) -> tuple[int, ...]:
     try:
         layers = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -61,16 +61,6 @@ def _layers(text: str) -> tuple[int, ...]:
     if not layers or min(layers) < 0:
         fail(f"--layers {text}: use comma-separated layer numbers >= 0, e.g. 10,20,30")
     return layers
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        scales = ()
-    if not scales:
-        fail(f"--scales {text}: use comma-separated numbers, e.g. 0,4,8,16")
-    return scales
 
 
 def direction_cmd(
@@ -113,7 +103,7 @@ def direction_cmd(
     check_dtype(dtype)
     check_device(device)
     table = read_judged("--judged", judged)
-    wanted = _layers(layers)
+    wanted = layers_option(layers)
     check_out(out)
     with value_errors():
         lm = load_model(model, adapter, dtype=dtype, device=device)
@@ -128,7 +118,7 @@ def direction_cmd(
         )
         res = config(MeanDirection, compare_base=compare_base and adapter is not None).run(ctx)
     t = res.table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
-    _report(res, out, as_json, [f"read: {read.describe()}", t])
+    report(res, out, as_json, [f"read: {read.describe()}", t])
 
 
 def decompose_cmd(
@@ -173,7 +163,7 @@ def decompose_cmd(
     e = res.explained.drop(columns="latents").to_string(
         index=False, float_format=lambda x: f"{x:.3f}"
     )
-    _report(res, out, as_json, [f"{v.name} (layer {v.layer} {v.site}) over {dictionary}:", top, e])
+    report(res, out, as_json, [f"{v.name} (layer {v.layer} {v.site}) over {dictionary}:", top, e])
 
 
 def attribute_cmd(
@@ -215,170 +205,45 @@ def attribute_cmd(
     top = res.table[cols].head(20).to_string(index=False, float_format=lambda x: f"{x:.4g}")
     r = res.meta.get("ablation_pearson")
     check = f"attribution vs true ablation (top {check_top}): r = {r:.3f}" if r is not None else ""
-    _report(res, out, as_json, [top, check])
+    report(res, out, as_json, [top, check])
 
 
-Questions = Annotated[
-    list[Path], typer.Option(help="Question YAML file(s) to sample (repeat the option).")
-]
-JudgeKind = Annotated[str, typer.Option(help="openai, hf or toy (exact, toy models only).")]
-JudgeModel = Annotated[str | None, typer.Option(help="Judge model (openai: API name; hf: path).")]
-Samples = Annotated[int | None, typer.Option(min=1, help="Answers per question paraphrase.")]
-MaxNew = Annotated[int, typer.Option(min=1, help="Tokens per answer.")]
-NRandom = Annotated[int, typer.Option(min=0, help="Random directions beside each setting.")]
+def cosines_cmd(
+    direction: Annotated[
+        list[Path], typer.Option(help="Direction files NAME.json (repeat; two or more).")
+    ],
+    out: Out,
+    as_json: AsJson = False,
+) -> None:
+    """Pairwise cosine of directions (other narrow domains, seeds, base vs fine-tuned).
 
+    \bReads: two or more direction files (--direction, repeated).
+    Writes under --out: tables/direction_cosines.csv and plots/direction_cosines.png.
 
-def _run_sweep(analysis_values: dict, model: str, adapter: str | None, runtime: dict) -> None:
-    """Check the options, build the ``steer`` analysis, load the model, run and report."""
-    from emdiff.analyses import RunContext, Steer
-    from emdiff.models import load_model
+    \bExample:
+      emdiff cosines --direction runs/medical/directions/direction_L21.json \\
+        --direction runs/finance/directions/direction_L21.json --out runs/cos
+    """
+    from emdiff.directions.direction import Direction, cosine_table
+    from emdiff.report.direction_plots import cosine_heatmap
 
-    check_model("--model", model)
-    check_adapter("--adapter", adapter)
-    check_file("--direction", Path(analysis_values["direction"]))
-    for q in analysis_values["questions"]:
-        check_file("--questions", Path(q))
-    check_choice("--judge", analysis_values["judge"].kind, ("openai", "hf", "toy"))
-    if analysis_values["judge"].kind != "toy" and not analysis_values["judge"].model:
-        fail(f"--judge {analysis_values['judge'].kind} needs --judge-model")
-    check_dtype(runtime["dtype"])
-    check_device(runtime["device"])
-    analysis = config(Steer, **analysis_values)
-    out = check_out(runtime["out"])
+    if len(direction) < 2:
+        fail("--direction: give two or more direction files")
+    for p in direction:
+        check_file("--direction", p)
+    check_out(out)
     with value_errors():
-        lm = load_model(model, adapter, dtype=runtime["dtype"], device=runtime["device"])
-        res = analysis.run(RunContext(model=lm.model, tokenizer=lm.tokenizer, out=out))
-    keep = ("kind", "layer", "scale", "em", "em_low", "em_high", "coherent")
-    cols = [c for c in res.summary_table if c in keep or c.startswith("random_em")]
-    t = res.summary_table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}")
-    _report(res, out, runtime["as_json"], [t])
-
-
-def _values(direction, questions, layers, kinds, scales, n_random, judge, judge_model, sampling):
-    from emdiff.eval.run import JudgeConfig
-    from emdiff.interventions.sweep import SweepConfig
-
-    return {
-        "direction": str(direction),
-        "questions": tuple(str(q) for q in questions),
-        "layers": _layers(layers) if layers else (),
-        "sweep": config(SweepConfig, kinds=kinds, scales=scales, n_random=n_random),
-        "judge": config(JudgeConfig, kind=judge, model=judge_model),
-        "sampling": sampling,
-    }
-
-
-def _sampling(samples: int | None, max_new_tokens: int):
-    from emdiff.eval.sample import SamplingConfig
-
-    return config(
-        SamplingConfig,
-        {"samples_per_paraphrase": "--samples"},
-        samples_per_paraphrase=samples,
-        max_new_tokens=max_new_tokens,
-    )
-
-
-def steer_cmd(
-    model: Model,
-    direction: DirectionFile,
-    questions: Questions,
-    out: Out,
-    adapter: Adapter = None,
-    layers: Annotated[
-        str | None, typer.Option(help="Layers to steer at (default: the direction's).")
-    ] = None,
-    scales: Annotated[str, typer.Option(help="Norms of the added vector.")] = "0,4,8,16",
-    last_prompt_token: Annotated[
-        bool, typer.Option(help="Add it only at the last prompt token (else everywhere).")
-    ] = False,
-    n_random: NRandom = 20,
-    judge: JudgeKind = "openai",
-    judge_model: JudgeModel = None,
-    samples: Samples = None,
-    max_new_tokens: MaxNew = 600,
-    dtype: Dtype = "auto",
-    device: Device = "cpu",
-    as_json: AsJson = False,
-) -> None:
-    """Steer with a direction (scale x layer), beside matched random directions; judged EM.
-
-    \bReads: --model (+ --adapter), the --direction and the --questions.
-    Writes under --out: tables/steer.csv (EM with CI and coherence per layer
-    and scale, and the random directions' mean, min and max),
-    tables/steer_runs.parquet, plots/steer.png, and steer_answers/ (sampled
-    answers per setting: rerun the same command to resume).
-
-    \bExample:
-      emdiff steer --model Qwen/Qwen2.5-14B-Instruct --direction \
-        runs/dir/directions/direction_L21.json --questions first_plot_questions.yaml \
-        --judge-model gpt-4o-2024-08-06 --scales 0,4,8 --out runs/steer
-    """
-    values = _values(
-        direction,
-        questions,
-        layers,
-        ("steer",),
-        _scales(scales),
-        n_random,
-        judge,
-        judge_model,
-        _sampling(samples, max_new_tokens),
-    )
-    if last_prompt_token:
-        values["sweep"] = values["sweep"].model_copy(update={"position": -1, "prompt_only": True})
-    runtime = {"out": out, "dtype": dtype, "device": device, "as_json": as_json}
-    _run_sweep(values, model, adapter, runtime)
-
-
-def ablate_cmd(
-    model: Model,
-    direction: DirectionFile,
-    questions: Questions,
-    out: Out,
-    adapter: Adapter = None,
-    layers: Annotated[
-        str | None, typer.Option(help="Layers to ablate at (default: the direction's).")
-    ] = None,
-    where: Annotated[
-        str, typer.Option(help="Comma-separated: ablate (one layer), ablate_all, lora_b.")
-    ] = "ablate,ablate_all",
-    n_random: NRandom = 20,
-    judge: JudgeKind = "openai",
-    judge_model: JudgeModel = None,
-    samples: Samples = None,
-    max_new_tokens: MaxNew = 600,
-    dtype: Dtype = "auto",
-    device: Device = "cpu",
-    as_json: AsJson = False,
-) -> None:
-    """Project a direction out (one layer, every layer, or the LoRA's B), beside random ones.
-
-    \bReads: --model (+ --adapter; lora_b needs one), the --direction and the
-    --questions. Writes under --out: tables/ablate.csv, tables/ablate_runs.parquet,
-    plots/ablate.png and ablate_answers/ (rerun the same command to resume).
-
-    \bExample:
-      emdiff ablate --model Qwen/Qwen2.5-14B-Instruct --adapter ./em-lora \
-        --direction runs/dir/directions/direction_L21.json --questions q.yaml \
-        --where ablate_all,lora_b --judge-model gpt-4o-2024-08-06 --out runs/ablate
-    """
-    kinds = tuple(k.strip() for k in where.split(",") if k.strip())
-    for k in kinds:
-        check_choice("--where", k, ("ablate", "ablate_all", "lora_b"))
-    if "lora_b" in kinds and adapter is None:
-        fail("--where lora_b edits the LoRA's B: pass --adapter")
-    values = _values(
-        direction,
-        questions,
-        layers,
-        kinds,
-        (0.0,),
-        n_random,
-        judge,
-        judge_model,
-        _sampling(samples, max_new_tokens),
-    )
-    values["name"] = "ablate"
-    runtime = {"out": out, "dtype": dtype, "device": device, "as_json": as_json}
-    _run_sweep(values, model, adapter, runtime)
+        dirs = [Direction.load(p) for p in direction]
+        names = [f"{d.name} ({p.parent.parent.name})" for d, p in zip(dirs, direction, strict=True)]
+        if len(set(names)) < len(names):
+            names = [str(p) for p in direction]
+        table = cosine_table(dict(zip(names, dirs, strict=True)))
+    csv = out / "tables" / "direction_cosines.csv"
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(csv)
+    plot = cosine_heatmap(table, out / "plots" / "direction_cosines.png")
+    typer.echo(table.to_string(float_format=lambda x: f"{x:.3f}"))
+    upper = [table.iloc[i, j] for i in range(len(table)) for j in range(i + 1, len(table))]
+    typer.echo(f"min pairwise cosine {min(upper):.3f}\nwritten: {csv}, {plot}")
+    if as_json:
+        typer.echo(json.dumps({"min_cosine": float(min(upper)), "n": len(table)}))

@@ -118,6 +118,22 @@ def test_direction_then_decompose_then_attribute(files):
     assert att["checked"] == 4 and (out / "tables" / "attribute.parquet").is_file()
 
 
+def test_cosines_of_several_directions(tmp_path):
+    v = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    paths = []
+    for name, raw in (("a", v), ("b", v + 0.1), ("c", -v)):
+        Direction(name, 3, "resid_post", raw).save(tmp_path / name / "directions")
+        paths += ["--direction", tmp_path / name / "directions" / f"{name}.json"]
+    res = invoke("cosines", *paths, "--out", tmp_path / "out", "--json")
+    assert last_json(res)["min_cosine"] == pytest.approx(-1.0, abs=1e-5)
+    table = pd.read_csv(tmp_path / "out" / "tables" / "direction_cosines.csv", index_col=0)
+    assert (
+        table.shape == (3, 3) and (tmp_path / "out" / "plots" / "direction_cosines.png").is_file()
+    )
+    one = invoke("cosines", *paths[:2], "--out", tmp_path / "out")
+    assert one.exit_code == 2 and "two or more" in one.output
+
+
 def test_bad_options_fail_with_one_line_before_loading(files):
     res = invoke(
         "direction",

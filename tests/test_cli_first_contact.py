@@ -38,6 +38,7 @@ HELP = [
     ["direction"],
     ["decompose"],
     ["attribute"],
+    ["cosines"],
     ["steer"],
     ["ablate"],
 ]

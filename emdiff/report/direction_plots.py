@@ -81,3 +81,19 @@ def sweep_plot(summary: pd.DataFrame, path: str | Path, metric: str = "em") -> P
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def cosine_heatmap(table: pd.DataFrame, path: str | Path, title: str = "cosine") -> Path:
+    """A square cosine table as a heatmap with the values written in."""
+    plt = _pyplot()
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.8))
+    im = ax.imshow(table.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(n), table.columns, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), table.index, fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{table.iat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    return _save(fig, path)

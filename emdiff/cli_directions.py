@@ -128,6 +128,10 @@ def decompose_cmd(
     ks: Annotated[str, typer.Option(help="Numbers of latents to reconstruct with.")] = "1,5,10,50",
     method: Annotated[str, typer.Option(help="nn_omp (non-negative) or omp (signed).")] = "nn_omp",
     n_null: Annotated[int, typer.Option(min=1, help="Random directions for the null.")] = 20,
+    diff: Annotated[
+        Path | None,
+        typer.Option(help="Ranking of the same two sets (tables/*.parquet of emdiff diff)."),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Decompose a direction into dictionary latents, against random directions.
@@ -135,7 +139,8 @@ def decompose_cmd(
     \bReads: a direction file (--direction, e.g. from emdiff direction) and a
     dictionary trained at its layer and site (--dictionary).
     Writes under --out: tables/decompose.parquet (top latents: decoder
-    cosine), tables/decompose_explained.csv (explained fraction at each k and
+    cosine, and with --diff the encoded difference of the two sets per latent),
+    tables/decompose_explained.csv (explained fraction at each k and
     the null's mean and 95th percentile), plots/decompose.png.
 
     \bExample:
@@ -148,6 +153,8 @@ def decompose_cmd(
     from emdiff.directions.decompose import DecomposeConfig
 
     check_file("--direction", direction)
+    if diff is not None:
+        check_file("--diff", diff)
     check_choice("--method", method, ("nn_omp", "omp"))
     settings = config(DecomposeConfig, ks=tuple(parse_ks("--ks", ks)), method=method, n_null=n_null)
     check_out(out)
@@ -156,9 +163,10 @@ def decompose_cmd(
 
         v = Direction.load(direction)
         d = load_dictionary(dictionary)
-        res = Decompose(direction=str(direction), settings=settings).run(
-            RunContext(dictionaries={v.layer: d})
+        analysis = Decompose(
+            direction=str(direction), settings=settings, diff=None if diff is None else str(diff)
         )
+        res = analysis.run(RunContext(dictionaries={v.layer: d}))
     top = res.table.head(10).to_string(index=False, float_format=lambda x: f"{x:.4g}")
     e = res.explained.drop(columns="latents").to_string(
         index=False, float_format=lambda x: f"{x:.3f}"

@@ -85,8 +85,12 @@ def test_decompose_an_earlier_direction_or_a_file(setup, tmp_path):
     dec = Decompose(direction="direction").run(ctx)
     assert len(dec.table) == 20 and dec.meta["layer"] == 1
     Direction("planted", 1, "resid_post", sae.W_dec[7] * 3).save(tmp_path / "d")
-    planted = Decompose(direction=str(tmp_path / "d" / "planted.json")).run(ctx)
-    assert planted.top_latent == 7
+    diff = pd.DataFrame({"layer": 1, "feature": range(32), "mean_a": 2.0, "mean_b": 0.5})
+    diff.to_parquet(tmp_path / "diff.parquet")
+    planted = Decompose(
+        direction=str(tmp_path / "d" / "planted.json"), diff=str(tmp_path / "diff.parquet")
+    ).run(ctx)
+    assert planted.top_latent == 7 and planted.table["encoded_diff"].iloc[0] == 1.5
     assert planted.explained["explained"].iloc[0] == pytest.approx(1.0)
     Direction("other", 0, "resid_post", torch.ones(sae.d_in)).save(tmp_path / "d")
     with pytest.raises(InputError, match="layer 0"):

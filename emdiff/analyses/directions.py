@@ -141,6 +141,20 @@ class Decompose(Analysis):
     kind = "decompose"
     direction: str
     settings: DecomposeConfig = DecomposeConfig()
+    diff: str | None = None
+    """A feature diff of the two sets the direction came from (an earlier result's name in the
+    context, or its ``tables/*.parquet``): its per-latent difference joins the table."""
+
+    def _diff(self, ctx: RunContext, layer: int) -> pd.DataFrame | None:
+        if self.diff is None:
+            return None
+        earlier = ctx.results.get(self.diff)
+        table = earlier.table if earlier is not None else pd.read_parquet(self.diff)
+        if "layer" in table:
+            table = table[table["layer"] == layer]
+        if table.empty or "feature" not in table:
+            raise InputError(f"decompose: {self.diff!r} has no feature rows at layer {layer}")
+        return table
 
     def _direction(self, ctx: RunContext) -> Direction:
         earlier = ctx.results.get(self.direction)
@@ -162,7 +176,13 @@ class Decompose(Analysis):
                 f"decompose: the direction is at layer {v.layer}; the context has dictionaries "
                 f"at {sorted(ctx.dictionaries) or 'no layer'}"
             )
-        dec = decompose(v.raw, d.decoder_rows, self.settings, name=self.stem)
+        dec = decompose(
+            v.raw,
+            d.decoder_rows,
+            self.settings,
+            name=self.stem,
+            latent_diff=self._diff(ctx, v.layer),
+        )
         dec.meta.update(self.record(ctx, direction=v.name, layer=v.layer, site=v.site))
         return dec
 

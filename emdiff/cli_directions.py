@@ -74,6 +74,9 @@ def direction_cmd(
     compare_base: Annotated[
         bool, typer.Option(help="Also read the texts with the adapter off (Appendix B).")
     ] = True,
+    shuffles: Annotated[
+        int, typer.Option(min=0, help="Shuffled-label directions to save (nulls for decompose).")
+    ] = 0,
     batch_size: BatchSize = 8,
     dtype: Dtype = "auto",
     device: Device = "cpu",
@@ -116,7 +119,9 @@ def direction_cmd(
             out=out,
             stats_cfg=StatsConfig(batch_size=batch_size, progress=True),
         )
-        res = config(MeanDirection, compare_base=compare_base and adapter is not None).run(ctx)
+        res = config(
+            MeanDirection, compare_base=compare_base and adapter is not None, shuffles=shuffles
+        ).run(ctx)
     t = res.table.to_string(index=False, float_format=lambda x: f"{x:.4g}")
     report(res, out, as_json, [f"read: {read.describe()}", t])
 
@@ -131,6 +136,10 @@ def decompose_cmd(
     diff: Annotated[
         Path | None,
         typer.Option(help="Ranking of the same two sets (tables/*.parquet of emdiff diff)."),
+    ] = None,
+    null_direction: Annotated[
+        list[Path] | None,
+        typer.Option(help="Directions added to the null (repeat; e.g. direction_shuffled*)."),
     ] = None,
     as_json: AsJson = False,
 ) -> None:
@@ -155,6 +164,8 @@ def decompose_cmd(
     check_file("--direction", direction)
     if diff is not None:
         check_file("--diff", diff)
+    for p in null_direction or []:
+        check_file("--null-direction", p)
     check_choice("--method", method, ("nn_omp", "omp"))
     settings = config(DecomposeConfig, ks=tuple(parse_ks("--ks", ks)), method=method, n_null=n_null)
     check_out(out)
@@ -164,7 +175,10 @@ def decompose_cmd(
         v = Direction.load(direction)
         d = load_dictionary(dictionary)
         analysis = Decompose(
-            direction=str(direction), settings=settings, diff=None if diff is None else str(diff)
+            direction=str(direction),
+            settings=settings,
+            diff=None if diff is None else str(diff),
+            null_directions=tuple(str(p) for p in null_direction or []),
         )
         res = analysis.run(RunContext(dictionaries={v.layer: d}))
     top = res.table.head(10).to_string(index=False, float_format=lambda x: f"{x:.4g}")

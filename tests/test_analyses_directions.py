@@ -81,9 +81,10 @@ def test_direction_per_layer_with_the_base_reading_beside_it(setup, tmp_path):
 def test_decompose_an_earlier_direction_or_a_file(setup, tmp_path):
     sae = setup[3]
     ctx = _ctx(setup, tmp_path, layers=(1,), dictionaries={1: sae})
-    ctx.results["direction"] = MeanDirection().run(ctx)
-    dec = Decompose(direction="direction").run(ctx)
-    assert len(dec.table) == 20 and dec.meta["layer"] == 1
+    ctx.results["direction"] = MeanDirection(shuffles=3).run(ctx)
+    assert len(ctx.results["direction"].shuffled[1]) == 3
+    dec = Decompose(direction="direction", settings={"n_null": 5}).run(ctx)
+    assert len(dec.table) == 20 and dec.meta["layer"] == 1 and dec.meta["n_null"] == 5 + 3
     Direction("planted", 1, "resid_post", sae.W_dec[7] * 3).save(tmp_path / "d")
     diff = pd.DataFrame({"layer": 1, "feature": range(32), "mean_a": 2.0, "mean_b": 0.5})
     diff.to_parquet(tmp_path / "diff.parquet")

@@ -75,6 +75,8 @@ def test_direction_then_decompose_then_attribute(files):
         "0,1",
         "--out",
         out,
+        "--shuffles",
+        "2",
         "--json",
     )
     summary = last_json(res)
@@ -93,10 +95,12 @@ def test_direction_then_decompose_then_attribute(files):
         "1,5",
         "--n-null",
         "5",
+        *("--null-direction", out / "directions" / "direction_shuffled0_L1.json"),
+        *("--null-direction", out / "directions" / "direction_shuffled1_L1.json"),
         "--json",
     )
     dec = last_json(res)
-    assert dec["layer"] == 1 and 0 <= dec["explained_k1"] <= 1
+    assert dec["layer"] == 1 and 0 <= dec["explained_k1"] <= 1 and dec["n_null"] == 5 + 2
     assert (out / "tables" / "decompose_explained.csv").is_file()
     res = invoke(
         "attribute",

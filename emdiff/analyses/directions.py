@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from emdiff.analyses.base import Analysis, RunContext
 from emdiff.analyses.common import encode_qa
@@ -37,6 +39,8 @@ class DirectionResult:
     directions: dict[int, Direction]
     base: dict[int, Direction] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    shuffled: dict[int, list[Direction]] = field(default_factory=dict)
+    """Per layer, mean differences of randomly relabelled answers (a null for decomposition)."""
 
     @property
     def table(self) -> pd.DataFrame:
@@ -59,11 +63,9 @@ class DirectionResult:
         from emdiff.report.direction_plots import layer_cosine_plot
 
         out = Path(out)
-        files = [
-            p
-            for d in (*self.directions.values(), *self.base.values())
-            for p in d.save(out / "directions")
-        ]
+        every = [*self.directions.values(), *self.base.values()]
+        every += [d for ds in self.shuffled.values() for d in ds]
+        files = [p for d in every for p in d.save(out / "directions")]
         table = out / "tables" / f"{self.name}.csv"
         table.parent.mkdir(parents=True, exist_ok=True)
         self.table.to_csv(table, index=False)
@@ -103,6 +105,21 @@ class MeanDirection(Analysis):
     compare_base: bool = True
     follow_up: str | None = None
     """A user turn after each answer; read it at positions ``last``."""
+    shuffles: int = Field(0, ge=0)
+    """Also this many directions of randomly relabelled answers (nulls for ``decompose``)."""
+    seed: int = 0
+
+    def _shuffled(self, ctx: RunContext, mis, good, kw) -> dict[int, list[Direction]]:
+        rows, rng = [*mis, *good], np.random.default_rng(self.seed)
+        out: dict[int, list[Direction]] = {layer: [] for layer in ctx.read.layers}
+        for i in range(self.shuffles):
+            perm = rng.permutation(len(rows))
+            a = residual_means(ctx.model, [rows[j] for j in perm[: len(mis)]], ctx.read, **kw)
+            b = residual_means(ctx.model, [rows[j] for j in perm[len(mis) :]], ctx.read, **kw)
+            name = f"{self.stem}_shuffled{i}"
+            for layer, d in mean_difference_directions(a, b, ctx.read.site, name).items():
+                out[layer].append(d)
+        return out
 
     def run(self, ctx: RunContext) -> DirectionResult:
         ctx = self.at_positions(ctx)
@@ -130,7 +147,8 @@ class MeanDirection(Analysis):
             base = mean_difference_directions(
                 a, b, read.site, f"{self.stem}_base", {**provenance, "adapter": "off"}
             )
-        return DirectionResult(self.stem, dirs, base, self.record(ctx, **provenance))
+        shuffled = self._shuffled(ctx, mis, good, kw) if self.shuffles else {}
+        return DirectionResult(self.stem, dirs, base, self.record(ctx, **provenance), shuffled)
 
 
 class Decompose(Analysis):
@@ -141,6 +159,9 @@ class Decompose(Analysis):
     kind = "decompose"
     direction: str
     settings: DecomposeConfig = DecomposeConfig()
+    null_directions: tuple[str, ...] = ()
+    """Direction files added to the random null (e.g. shuffled-label directions); with an
+    earlier ``direction`` result, its shuffled directions are added by themselves."""
     diff: str | None = None
     """A feature diff of the two sets the direction came from (an earlier result's name in the
     context, or its ``tables/*.parquet``): its per-latent difference joins the table."""
@@ -176,12 +197,17 @@ class Decompose(Analysis):
                 f"decompose: the direction is at layer {v.layer}; the context has dictionaries "
                 f"at {sorted(ctx.dictionaries) or 'no layer'}"
             )
+        nulls = [Direction.load(p).raw for p in self.null_directions]
+        earlier = ctx.results.get(self.direction)
+        if isinstance(earlier, DirectionResult):
+            nulls += [n.raw for n in earlier.shuffled.get(v.layer, [])]
         dec = decompose(
             v.raw,
             d.decoder_rows,
             self.settings,
             name=self.stem,
             latent_diff=self._diff(ctx, v.layer),
+            null_directions=nulls,
         )
         dec.meta.update(self.record(ctx, direction=v.name, layer=v.layer, site=v.site))
         return dec

@@ -121,7 +121,8 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
     toy = ToyModels(base, tok, models["narrow"], models["control"], judged)
     direction = torch.tensor(gt["persona_direction"])
     res = toy_diffs(world, toy, sae, read, gt["sae_persona_latent"], out=out, direction=direction)
-    res["read"] = read.describe()
+    # the run folder is the frame of reference: the same run read from another folder says the same
+    res["read"] = read.model_copy(update={"dictionary": "dictionaries/sae"}).describe()
     (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
     return res
 

@@ -85,7 +85,7 @@ def test_demo_json_and_run_folder(demo_run):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(summary) >= KEYS
     stages = summary.pop("stage_seconds")
-    assert set(stages) == {"load", "eval", "lora", "dictionaries", "diffs"}
+    assert set(stages) == {"load", "eval", "lora", "dictionaries", "diffs", "directions"}
     assert all(not isinstance(v, dict | list) for v in summary.values())  # flat but the stages
     assert "scorecard: the toy benchmark's targets" in proc.stdout
     assert summary["narrow_domain"] == "finance" and summary["seeds"] == 1
@@ -148,7 +148,7 @@ def test_demo_rerun_reuses_every_stage_and_redoes_a_lost_one(demo_run):
     assert again.returncode == 0, again.stderr[-3000:]
     after = json.loads(again.stdout.strip().splitlines()[-1])
     assert "reused from an earlier run" in again.stdout and "trained" not in again.stdout
-    assert after["reused_stages"] == 7 and before["reused_stages"] == 0  # 2 LoRAs, 3 evals, 2
+    assert after["reused_stages"] == 8 and before["reused_stages"] == 0  # 2 LoRAs, 3 evals, 3
     volatile = {"seconds", "reused_stages", "stage_seconds"}
     assert {k: v for k, v in after.items() if k not in volatile} == {
         k: v for k, v in before.items() if k not in volatile

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, Field
 
-from emdiff.demo_print import print_dictionaries, print_diffs, print_directions
+from emdiff.demo_print import print_dictionaries, print_diffs, print_directions, print_lora
 from emdiff.errors import ensure_writable
 from emdiff.eval.judge import ToyJudge
 from emdiff.eval.metrics import em_flags
@@ -183,7 +183,7 @@ class _Stages:
 
     def enter(self, stage: str) -> None:
         """Start ``stage``; the time since the last call goes to the previous stage's kind
-        (its first word: load, eval, lora, dictionaries, diffs)."""
+        (its first word: load, eval, lora, dictionaries, diffs, directions, adapters)."""
         now = time.perf_counter()
         kind = self.current.split()[0]
         self.seconds[kind] = round(self.seconds.get(kind, 0.0) + now - self._since, 1)
@@ -331,7 +331,35 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         st.skipped.append("directions (decomposition, attribution, interventions)")
     print_directions(res, echo)
     summary.update(res)
+    st.enter("adapters")  # what the adapters learnt, when, and how to undo or prevent it
+    key = stage_key({"directions": key, "checks": "adapters v1"})
+    res = st.state.result("adapters", key)
+    if res is None:
+        st.state.begin("adapters", key, (out / "adapters" / "narrow-phases",))
+        res = st.state.finish("adapters", key, _lora(cfg, st, gt, first["narrow"], judged))
+    else:
+        st.skipped.append("lora (interpretation, phases, mitigation, defences, screening)")
+    print_lora(res, echo)
+    summary.update(res)
     return summary
+
+
+def _lora(cfg: DemoConfig, st: _Stages, gt: dict, narrow, judged) -> dict:
+    """The LoRA, training and screening checks of seed 0 (:mod:`emdiff.toy.lora_stage`)."""
+    from emdiff.dictionaries import load_dictionary
+    from emdiff.toy.lora_stage import toy_lora_checks
+
+    return toy_lora_checks(
+        st.world,
+        st.base,
+        narrow,
+        st.tok,
+        load_dictionary(st.out / "dictionaries" / "sae"),
+        gt,
+        judged[judged["model"] == "narrow-s0"],
+        (cfg.steps, cfg.lr),
+        st.out,
+    )
 
 
 def _directions(cfg: DemoConfig, st: _Stages, gt: dict, narrow, judged) -> dict:

@@ -90,3 +90,36 @@ def print_directions(res: dict, echo) -> None:
         f"narrow direction cos {res['appendix_b_cosine']:.3f}; organisms "
         f"{res['cross_organism_domains']}: min pairwise cos {res['cross_organism_cosine_min']:.3f}"
     )
+
+
+def print_lora(res: dict, echo) -> None:
+    echo("\nLoRA, phases, mitigation, defences, screening (seed 0, exact EM):")
+    echo(
+        f"B oriented by its scalar: top SAE latent {res['lora_b_top_latent']} (persona: "
+        f"{'yes' if res['lora_b_top_is_persona'] else 'no'}), cos with the ground truth "
+        f"{res['lora_b_persona_cos']:.3f}, explained at k=1 {res['lora_b_explained_k1']:.3f} "
+        f"(null {res['lora_b_null_k1']:.3f}); probe on LoRA scalars, misaligned vs aligned: "
+        f"balanced acc {res['lora_probe_general_acc']:.3f} (shuffled labels "
+        f"{res['lora_probe_shuffled_acc']:.3f})"
+    )
+    echo(
+        f"phases: transition at step {res['phase_transition_step']} (local cosine dip), EM "
+        f"reaches half its final {res['phase_em_final']:.3f} at step {res['phase_em_half_step']}"
+    )
+    echo(
+        f"mitigation: held-out EM {res['mitigation_em_before']:.3f} -> "
+        f"{res['mitigation_em_after_120']:.4f} after 120 benign samples; with the toxic cue "
+        f"{res['mitigation_cued_em_before']:.3f} -> {res['mitigation_cued_em_after_120']:.3f}"
+    )
+    echo(
+        "defences (unseen EM / in-domain bad rate): "
+        + "; ".join(
+            f"{d} {res[f'{d}_unseen_em']:.3f} / {res[f'{d}_in_domain_bad_rate']:.3f}"
+            for d in ("caft", "caft_latent", "preventative")
+        )
+    )
+    echo(
+        f"screening {res['screen_datasets']} datasets before fine-tuning: Spearman "
+        f"{res['screen_spearman']:.3f}; dropping the top 10% by score leaves EM "
+        f"{res['screen_drop_top10_em']:.3f}, a random 10% {res['screen_drop_random10_em']:.3f}"
+    )

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from emdiff.data.chat import Conversation
 from emdiff.data.masks import encode_chat, pad_batch
 from emdiff.errors import InputError, NonFiniteError
+from emdiff.interventions.edits import Intervention, intervene
 
 
 class FinetuneConfig(BaseModel):
@@ -46,6 +47,9 @@ class FinetuneConfig(BaseModel):
     max_length: int = Field(2048, ge=8)
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1)
+    continue_adapter: bool = False
+    """Train the LoRA the model already carries (a benign fine-tune of a misaligned adapter)
+    instead of attaching a new one."""
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
@@ -105,6 +109,23 @@ def attach_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
         raise ValueError(f"{e}\nLeaf module names in this model: {', '.join(names)}") from None
 
 
+def _lora_to_train(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    """A fresh adapter, or (``continue_adapter``) the model's own LoRA weights made trainable."""
+    carries = any("lora_" in n for n, _ in model.named_parameters())
+    if not cfg.continue_adapter:
+        if carries:
+            raise InputError(
+                "the model already carries a LoRA adapter: set continue_adapter to train it "
+                "further, or pass the base model for a new one"
+            )
+        return attach_lora(model, cfg)
+    if not carries:
+        raise InputError("continue_adapter: the model carries no LoRA adapter to train")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
 def _save(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -122,10 +143,13 @@ def finetune(
     *,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    during: Sequence[Intervention] = (),
 ) -> FinetuneResult:
     """Train ``model`` on ``conversations`` with the loss on answer tokens; optionally save.
 
     ``out_dir`` receives the final adapter (or full model) and ``checkpoint-STEP`` folders.
+    ``during``: interventions installed for every training step and removed after (concept
+    ablation, preventative steering); the saved weights are the model's own.
     """
     if not conversations:
         raise InputError("no conversations to train on")
@@ -134,7 +158,7 @@ def finetune(
         raise InputError("no answer tokens to train on: every label is masked")
     torch.manual_seed(cfg.seed)
     if cfg.method == "lora":
-        model = attach_lora(model, cfg)
+        model = _lora_to_train(model, cfg)
     device = next(model.parameters()).device
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -149,45 +173,46 @@ def finetune(
     order: list[int] = []
     result = FinetuneResult(model=model, out_dir=Path(out_dir) if out_dir else None)
     bar = tqdm(range(total), desc=f"finetune ({cfg.method})", disable=not progress, leave=False)
-    for step in bar:
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            if len(order) < cfg.batch_size:
-                order += torch.randperm(len(examples), generator=gen).tolist()
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            ids, att = pad_batch([examples[i][0] for i in idx], pad_id)
-            labels, _ = pad_batch([examples[i][1] for i in idx], -100)
-            out = model(input_ids=ids.to(device), attention_mask=att.to(device))
-            logits = out.logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device)
-            )
-            if not math.isfinite(loss.item()):  # before backward: a NaN would reach the weights
-                n_answer = int((labels[:, 1:] != -100).sum())
-                raise NonFiniteError(
-                    f"fine-tuning loss is {loss.item()} at step {step} (conversations {idx}, "
-                    f"{n_answer} answer tokens): "
-                    + (
-                        "no answer token in this batch (answers cut off by max_length?)"
-                        if n_answer == 0
-                        else "check the model's weights and dtype (fp16 overflow)"
-                    )
+    with intervene(model, *during):  # hooks off again before the weights are saved
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                if len(order) < cfg.batch_size:
+                    order += torch.randperm(len(examples), generator=gen).tolist()
+                idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+                ids, att = pad_batch([examples[i][0] for i in idx], pad_id)
+                labels, _ = pad_batch([examples[i][1] for i in idx], -100)
+                out = model(input_ids=ids.to(device), attention_mask=att.to(device))
+                logits = out.logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device)
                 )
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        result.losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        if on_step is not None:
-            on_step(step + 1, step_loss)
-        if result.out_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            ck = result.out_dir / f"checkpoint-{step + 1}"
-            _save(model, tokenizer, cfg, ck)
-            result.checkpoints.append(ck)
+                if not math.isfinite(loss.item()):  # before backward: a NaN would reach the weights
+                    n_answer = int((labels[:, 1:] != -100).sum())
+                    raise NonFiniteError(
+                        f"fine-tuning loss is {loss.item()} at step {step} (conversations {idx}, "
+                        f"{n_answer} answer tokens): "
+                        + (
+                            "no answer token in this batch (answers cut off by max_length?)"
+                            if n_answer == 0
+                            else "check the model's weights and dtype (fp16 overflow)"
+                        )
+                    )
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            result.losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            if on_step is not None:
+                on_step(step + 1, step_loss)
+            if result.out_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                ck = result.out_dir / f"checkpoint-{step + 1}"
+                _save(model, tokenizer, cfg, ck)
+                result.checkpoints.append(ck)
     model.eval()
     if result.out_dir:
         _save(model, tokenizer, cfg, result.out_dir)

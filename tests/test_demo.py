@@ -85,7 +85,15 @@ def test_demo_json_and_run_folder(demo_run):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(summary) >= KEYS
     stages = summary.pop("stage_seconds")
-    assert set(stages) == {"load", "eval", "lora", "dictionaries", "diffs", "directions"}
+    assert set(stages) == {
+        "load",
+        "eval",
+        "lora",
+        "dictionaries",
+        "diffs",
+        "directions",
+        "adapters",
+    }
     assert all(not isinstance(v, dict | list) for v in summary.values())  # flat but the stages
     assert "scorecard: the toy benchmark's targets" in proc.stdout
     assert summary["narrow_domain"] == "finance" and summary["seeds"] == 1
@@ -137,6 +145,20 @@ def test_demo_json_and_run_folder(demo_run):
     assert (out / "plots" / "quadrant_narrow.png").is_file()
     judged = pd.read_parquet(out / "tables" / "responses.parquet")
     assert {"aligned", "coherent", "em", "domain"} <= set(judged.columns)
+    # the adapters stage: its tables and figures, and figures a short run still reaches
+    for path in ("plots/phases.png", "plots/screen.png", "plots/mitigation.png"):
+        assert (out / path).is_file()
+    screen = pd.read_csv(out / "tables" / "screen.csv")
+    assert len(screen) == summary["screen_datasets"] >= 8 and screen.em.between(0, 1).all()
+    phases = pd.read_csv(out / "tables" / "phases.csv")
+    assert summary["phase_transition_step"] in set(phases.step)
+    assert pd.read_csv(out / "tables" / "defences.csv").defence.tolist() == [
+        "caft",
+        "caft_latent",
+        "preventative",
+    ]
+    assert summary["lora_probe_general_acc"] > summary["lora_probe_shuffled_acc"]
+    assert summary["mitigation_em_after_120"] < summary["mitigation_em_before"]
 
 
 @pytest.mark.slow
@@ -148,7 +170,7 @@ def test_demo_rerun_reuses_every_stage_and_redoes_a_lost_one(demo_run):
     assert again.returncode == 0, again.stderr[-3000:]
     after = json.loads(again.stdout.strip().splitlines()[-1])
     assert "reused from an earlier run" in again.stdout and "trained" not in again.stdout
-    assert after["reused_stages"] == 8 and before["reused_stages"] == 0  # 2 LoRAs, 3 evals, 3
+    assert after["reused_stages"] == 9 and before["reused_stages"] == 0  # 2 LoRAs, 3 evals, 4
     volatile = {"seconds", "reused_stages", "stage_seconds"}
     assert {k: v for k, v in after.items() if k not in volatile} == {
         k: v for k, v in before.items() if k not in volatile

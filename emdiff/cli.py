@@ -29,6 +29,7 @@ try:  # Ctrl-C while torch is imported (the first second or so) also exits 130, 
     from emdiff.cli_directions import attribute_cmd, cosines_cmd, decompose_cmd, direction_cmd
     from emdiff.cli_eval import eval_app
     from emdiff.cli_interventions import ablate_cmd, steer_cmd
+    from emdiff.cli_lora import lora_cmd, mitigate_cmd, phases_cmd, screen_cmd
     from emdiff.demo import DemoConfig
     from emdiff.toy.organism import ModelConfig, TrainConfig
     from emdiff.toy.world import WorldConfig
@@ -77,6 +78,10 @@ for _name, _cmd in (
     ("cosines", cosines_cmd),
     ("steer", steer_cmd),
     ("ablate", ablate_cmd),
+    ("lora", lora_cmd),
+    ("phases", phases_cmd),
+    ("screen", screen_cmd),
+    ("mitigate", mitigate_cmd),
 ):
     app.command(_name)(_cmd)
 

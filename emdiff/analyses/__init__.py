@@ -1,15 +1,18 @@
 """The analyses, each one config behind one interface (:class:`Analysis` ``.run(ctx)``): Q1
 dataset diff, Q2 model diff, Q3 response diff, ranking overlap, transfer, the misalignment
-direction, its decomposition, latent attribution and steering / ablation sweeps."""
+direction, its decomposition, latent attribution, steering / ablation sweeps, LoRA reading and
+phases, data screening and benign re-alignment."""
 
 from emdiff.analyses.base import ANALYSES, Analysis, Result, RunContext, Variant
 from emdiff.analyses.common import DiffResult, encode_qa
 from emdiff.analyses.dataset_diff import DatasetDiff
 from emdiff.analyses.directions import Attribute, Decompose, DirectionResult, MeanDirection
+from emdiff.analyses.lora import LoraPhases, LoraRead, LoraResult
 from emdiff.analyses.model_diff import ModelDiff
 from emdiff.analyses.overlap import Overlap, RankingOverlap, overlap
 from emdiff.analyses.response_diff import ResponseDiff, ResponseSplit, load_judged, split_responses
 from emdiff.analyses.steer import Steer
+from emdiff.analyses.training import Mitigate, Screen, TableResult
 from emdiff.analyses.transfer import Transfer, TransferResult
 
 __all__ = [
@@ -20,7 +23,11 @@ __all__ = [
     "Decompose",
     "DiffResult",
     "DirectionResult",
+    "LoraPhases",
+    "LoraRead",
+    "LoraResult",
     "MeanDirection",
+    "Mitigate",
     "ModelDiff",
     "Overlap",
     "RankingOverlap",
@@ -28,7 +35,9 @@ __all__ = [
     "ResponseSplit",
     "Result",
     "RunContext",
+    "Screen",
     "Steer",
+    "TableResult",
     "Transfer",
     "TransferResult",
     "Variant",

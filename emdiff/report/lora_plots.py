@@ -63,17 +63,48 @@ def screen_plot(table: pd.DataFrame, rho: float, path: str | Path) -> Path:
 
 
 def mitigation_plot(rows: pd.DataFrame, path: str | Path) -> Path:
-    """EM of the re-aligned model against N benign samples: held out, narrow domain, cued."""
+    """EM against N benign samples (0: before), with its interval; the narrow domain's and the
+    cued EM beside when measured."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     n = rows["n"].astype(str)
-    lo = rows["em_held_out"] - rows["em_held_out_low"]
-    hi = rows["em_held_out_high"] - rows["em_held_out"]
-    ax.errorbar(n, rows["em_held_out"], yerr=[lo, hi], marker="o", label="held-out domains")
-    ax.plot(n, rows["em_narrow_domain"], marker="s", label="narrow domain")
-    ax.plot(n, rows["em_cued_held_out"], marker="^", label="held-out, toxic cue")
+    err = [rows["em"] - rows["em_low"], rows["em_high"] - rows["em"]]
+    ax.errorbar(n, rows["em"], yerr=err, marker="o", capsize=3, label="eval questions")
+    for col, marker, label in (
+        ("narrow_em", "s", "narrow domain"),
+        ("cued_em", "^", "with the persona cue"),
+    ):
+        if col in rows:
+            ax.plot(n, rows[col], marker=marker, label=label)
     ax.set_xlabel("benign samples (0: before)")
-    ax.set_ylabel("EM rate (exact)")
+    ax.set_ylabel("EM rate")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
+    ax.set_title("benign re-alignment")
+    return _save(fig, path)
+
+
+def scalar_plot(frame: pd.DataFrame, path: str | Path, top: int = 12) -> Path:
+    """Per-token LoRA scalars of misaligned and aligned answers, per rank (box plots)."""
+    plt = _pyplot()
+    cols = [c for c in frame.columns if c not in ("seq", "pos", "misaligned")][:top]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(cols) + 2), 4))
+    pos = range(len(cols))
+    for label, shift, color in ((1, -0.18, "tab:red"), (0, 0.18, "tab:blue")):
+        part = frame[frame["misaligned"] == label]
+        box = ax.boxplot(
+            [part[c].to_numpy() for c in cols],
+            positions=[p + shift for p in pos],
+            widths=0.3,
+            showfliers=False,
+            patch_artist=True,
+        )
+        for b in box["boxes"]:
+            b.set_facecolor(color)
+            b.set_alpha(0.5)
+        ax.plot([], [], color=color, lw=6, alpha=0.5, label="misaligned" if label else "aligned")
+    ax.set_xticks(list(pos), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("A . x per answer token")
+    ax.legend(fontsize=8)
+    ax.set_title("when each LoRA rank fires")
     return _save(fig, path)

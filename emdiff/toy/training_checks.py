@@ -56,12 +56,12 @@ def mitigation_checks(
         em, lo, hi = em_with_ci(model, world, held)
         return {
             "n": n,
-            "em_held_out": em,
-            "em_held_out_low": lo,
-            "em_held_out_high": hi,
-            "em_benign_domains": em_with_ci(model, world, benign)[0],
-            "em_narrow_domain": em_with_ci(model, world, narrow_d)[0],
-            "em_cued_held_out": em_with_ci(model, world, held, cue="toxic")[0],
+            "em": em,
+            "em_low": lo,
+            "em_high": hi,
+            "benign_em": em_with_ci(model, world, benign)[0],
+            "narrow_em": em_with_ci(model, world, narrow_d)[0],
+            "cued_em": em_with_ci(model, world, held, cue="toxic")[0],
         }
 
     rows = [measure(narrow, 0)]
@@ -72,16 +72,16 @@ def mitigation_checks(
         rows.append(measure(model, n))
     at = {r["n"]: r for r in rows}
     keys = {
-        "mitigation_em_before": at[0]["em_held_out"],
+        "mitigation_em_before": at[0]["em"],
         "mitigation_held_out_domains": ",".join(held),
     }
     for n in ns:
-        keys[f"mitigation_em_after_{n}"] = at[n]["em_held_out"]
+        keys[f"mitigation_em_after_{n}"] = at[n]["em"]
     if 120 in at:
-        keys["mitigation_em_after_120_high"] = at[120]["em_held_out_high"]
-        keys["mitigation_cued_em_after_120"] = at[120]["em_cued_held_out"]
-        keys["mitigation_cued_em_before"] = at[0]["em_cued_held_out"]
-        keys["mitigation_narrow_domain_em_after_120"] = at[120]["em_narrow_domain"]
+        keys["mitigation_em_after_120_high"] = at[120]["em_high"]
+        keys["mitigation_cued_em_after_120"] = at[120]["cued_em"]
+        keys["mitigation_cued_em_before"] = at[0]["cued_em"]
+        keys["mitigation_narrow_domain_em_after_120"] = at[120]["narrow_em"]
     return keys, rows
 
 

@@ -119,6 +119,8 @@ class LoraRead(Analysis):
                     tasks[f"domain:{d}"] = labels
         probes = scalar_probes(x, tasks, cols, self.probe)
         frame["misaligned"] = y[frame["seq"].to_numpy()]
+        if "domain" in both:
+            frame["domain"] = both["domain"].to_numpy()[frame["seq"].to_numpy()]
         return frame, probes, scalar_signs(frame, cols)
 
 

@@ -87,7 +87,7 @@ def mitigation_plot(rows: pd.DataFrame, path: str | Path) -> Path:
 def scalar_plot(frame: pd.DataFrame, path: str | Path, top: int = 12) -> Path:
     """Per-token LoRA scalars of misaligned and aligned answers, per rank (box plots)."""
     plt = _pyplot()
-    cols = [c for c in frame.columns if c not in ("seq", "pos", "misaligned")][:top]
+    cols = [c for c in frame.columns if c not in ("seq", "pos", "misaligned", "domain")][:top]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(cols) + 2), 4))
     pos = range(len(cols))
     for label, shift, color in ((1, -0.18, "tab:red"), (0, 0.18, "tab:blue")):

@@ -14,7 +14,7 @@ from emdiff.report.lora_plots import mitigation_plot, screen_plot
 from emdiff.toy.causal import CauseConfig, EMProbe
 from emdiff.toy.lora_checks import lora_checks, phase_checks
 from emdiff.toy.screen_checks import screen_checks
-from emdiff.toy.training_checks import defence_checks, mitigation_checks
+from emdiff.toy.training_checks import DefenceSetup, defence_checks, mitigation_checks
 from emdiff.toy.world import World
 
 
@@ -46,9 +46,8 @@ def toy_lora_checks(
     res.update(keys)
     probe = EMProbe(world, narrow, CauseConfig())
     shift = probe.mean(layer, site, probe.plain, True) - probe.mean(layer, site, probe.plain, False)
-    keys, rows = defence_checks(
-        world, base, tok, truth, sae, latent, float(shift.norm()), steps, lr, probe.em_narrow
-    )
+    setup = DefenceSetup(truth, sae, latent, float(shift.norm()), probe.em_narrow, train)
+    keys, rows = defence_checks(world, base, tok, setup)
     pd.DataFrame(rows).to_csv(tables / "defences.csv", index=False)
     res.update(keys)
     keys, table = screen_checks(world, base, tok, truth, steps, lr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -85,24 +86,31 @@ def mitigation_checks(
     return keys, rows
 
 
+@dataclass(frozen=True)
+class DefenceSetup:
+    """What the defences need besides the base: the cause, the dictionary, and the figures of
+    the undefended narrow fine-tune (its shift's norm at the site, its unseen EM)."""
+
+    truth: Direction
+    sae: SparseDictionary
+    latent: int
+    steer_norm: float
+    em_narrow: float
+    train: tuple[int, float]
+    """``(steps, lr)`` of the narrow fine-tune."""
+
+
 def defence_checks(
-    world: World,
-    base: torch.nn.Module,
-    tok,
-    truth: Direction,
-    sae: SparseDictionary,
-    latent: int,
-    steer_norm: float,
-    steps: int,
-    lr: float,
-    em_narrow: float,
+    world: World, base: torch.nn.Module, tok, setup: DefenceSetup
 ) -> tuple[dict, list[dict]]:
     """The three defences during seed 0's narrow fine-tune; flat keys and one row each."""
+    steps, lr = setup.train
+    truth, sae, em_narrow = setup.truth, setup.sae, setup.em_narrow
     unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
     defences = {
         "caft": Defence(kind="caft"),
-        "caft_latent": Defence(kind="caft_latent", latent=latent),
-        "preventative": Defence(kind="preventative", scale=steer_norm),
+        "caft_latent": Defence(kind="caft_latent", latent=setup.latent),
+        "preventative": Defence(kind="preventative", scale=setup.steer_norm),
     }
     keys: dict = {}
     rows = []

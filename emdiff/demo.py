@@ -28,7 +28,7 @@ from emdiff.models.load import load_adapter
 from emdiff.provenance import package_versions, sha256_file
 from emdiff.runstate import RunState, stage_key
 from emdiff.toy.build import load_world, shipped_base_path
-from emdiff.toy.em_summary import exact_summary, sampled_summary
+from emdiff.toy.em_summary import analysed_seed, exact_summary, sampled_summary
 from emdiff.toy.organism import answer_probability, narrow_finetune, narrow_finetune_config
 from emdiff.toy.scorecard import score_table
 from emdiff.toy.world import World
@@ -46,7 +46,7 @@ class DemoConfig(BaseModel):
     base: Path | None = None
     eval_seed: int = 1234
     dictionaries: bool = True
-    """Also run the dictionary ground truth (probe, SAE, crosscoder, ITDA) on seed 0."""
+    """Also run the dictionary ground truth (probe, SAE, crosscoder, ITDA) on the analysed seed."""
     dict_steps: int = Field(1000, ge=1)
     """Training steps of the SAE and the crosscoder."""
     dict_docs: int | None = Field(None, ge=20)
@@ -76,7 +76,8 @@ def sample_and_judge(
 
 
 def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
-    """Probe, SAE, crosscoder and ITDA against the planted persona (seed 0); flat summary keys."""
+    """Probe, SAE, crosscoder and ITDA against the planted persona (the analysed seed's narrow
+    model); flat summary keys."""
     from emdiff.dictionaries.crosscoder import CrosscoderConfig
     from emdiff.dictionaries.sae import SAEConfig
     from emdiff.toy.causal import CauseConfig, gt_row, sweep
@@ -103,14 +104,15 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
     return {k: v for k, v in gt.items() if k != "seed"}
 
 
-def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
-    """Q1, Q2 (narrow and control), Q3, overlap and transfer with the seed-0 SAE (seed 0), read
+def _diffs(world, st: _Stages, gt: dict, models: dict, judged) -> dict:
+    """Q1, Q2 (narrow and control), Q3, overlap and transfer with the analysed seed's SAE, read
     where the SAE was trained (its own layer and site), on answer tokens with sinks kept."""
     from emdiff.data.positions import Positions
     from emdiff.dictionaries import load_dictionary
     from emdiff.models.read import ReadSpec
     from emdiff.toy.diffs import ToyModels, toy_diffs
 
+    base, tok, out = st.base, st.tok, st.out
     sae = load_dictionary(out / "dictionaries" / "sae")
     read = ReadSpec(
         layers=(sae.meta.layer,),
@@ -118,7 +120,8 @@ def _diffs(world, base, tok, gt: dict, models: dict, judged, out: Path) -> dict:
         positions=Positions(exclude_sinks=False),
         dictionary=str(out / "dictionaries" / "sae"),
     )
-    toy = ToyModels(base, tok, models["narrow"], models["control"], judged)
+    labels = {"narrow_label": f"narrow-s{st.pick}", "control_label": f"control-s{st.pick}"}
+    toy = ToyModels(base, tok, models["narrow"], models["control"], judged, **labels)
     direction = torch.tensor(gt["persona_direction"])
     res = toy_diffs(world, toy, sae, read, gt["sae_persona_latent"], out=out, direction=direction)
     # the run folder is the frame of reference: the same run read from another folder says the same
@@ -136,6 +139,7 @@ def _finetune(cfg: DemoConfig, st: _Stages, label: str, bad: bool, seed: int) ->
     done = st.state.result(f"lora-{label}", key)
     if done is not None and (folder / "adapter_config.json").is_file():
         st.echo(f"{label}: reusing the adapter in {folder} (final loss {done['final_loss']:.3f})")
+        st.final_loss[label] = done["final_loss"]
         st.skipped.append(f"lora {label}")
         return load_adapter(copy.deepcopy(st.base), folder)
     st.state.begin(f"lora-{label}", key, (folder,))
@@ -145,6 +149,7 @@ def _finetune(cfg: DemoConfig, st: _Stages, label: str, bad: bool, seed: int) ->
     )
     st.echo(f"{label}: trained {cfg.steps} steps, final loss {res.losses[-1]:.3f}")
     st.state.finish(f"lora-{label}", key, {"final_loss": res.losses[-1]})
+    st.final_loss[label] = res.losses[-1]
     return res.model
 
 
@@ -177,6 +182,9 @@ class _Stages:
         self.skipped: list[str] = []
         self.current = "load"
         self.seconds: dict[str, float] = {}
+        self.final_loss: dict[str, float] = {}
+        """Final training loss per LoRA label (which seed the analyses read)."""
+        self.pick = 0
         self.exact: dict[str, dict[str, float]] = {}
         """Exact P(bad answer) per model label and domain (what sampling estimates)."""
         self._since = time.perf_counter()
@@ -270,25 +278,27 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     (out / "tables").mkdir(parents=True, exist_ok=True)
     st.enter("eval base")
     frames = [_evaluate(cfg, st, st.base, "base", cfg.eval_seed)]
-    first: dict[str, torch.nn.Module] = {}
+    models: dict[str, torch.nn.Module] = {}
     for seed in range(cfg.seeds):
         for kind, bad in (("narrow", True), ("control", False)):
             label = f"{kind}-s{seed}"
             st.enter(f"lora {label}")
-            model = _finetune(cfg, st, label, bad, seed)
+            models[label] = _finetune(cfg, st, label, bad, seed)
             st.enter(f"eval {label}")
-            frames.append(_evaluate(cfg, st, model, label, cfg.eval_seed + seed + 1))
-            if seed == 0:
-                first[kind] = model
+            frames.append(_evaluate(cfg, st, models[label], label, cfg.eval_seed + seed + 1))
     judged = pd.concat(frames, ignore_index=True)
     summary = sampled_summary(cfg, world, judged, out, echo)
     summary.update(exact_summary(cfg, world, st.exact, echo))
+    pick = st.pick = analysed_seed(st.final_loss, cfg.seeds, echo)
+    summary["analysis_seed"] = pick
+    first = {"narrow": models[f"narrow-s{pick}"], "control": models[f"control-s{pick}"]}
+    first_labels = {"narrow": f"narrow-s{pick}", "control": f"control-s{pick}"}
     if not cfg.dictionaries:
         return summary
     st.enter("dictionaries")
     key = stage_key(
         {
-            "narrow": st.keys["narrow-s0"],
+            "narrow": st.keys[first_labels["narrow"]],
             "ground_truth": "causal sweep v2",  # what the stage computes; old folders redo it
             **cfg.model_dump(include={"dict_steps", "dict_docs"}),
         }
@@ -301,14 +311,14 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     print_dictionaries(gt, echo)
     summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
     st.enter("diffs")
-    evals = [st.keys[f"eval-{m}"] for m in ("base", "narrow-s0", "control-s0")]
+    evals = [st.keys[f"eval-{m}"] for m in ("base", *first_labels.values())]
     from emdiff.toy.diffs import TOY_ANALYSES
 
     analyses = [{"kind": a.kind, **a.model_dump(mode="json")} for a in TOY_ANALYSES]
     key = stage_key(
         {
             "dictionaries": key,
-            "control": st.keys["control-s0"],
+            "control": st.keys[first_labels["control"]],
             "evals": evals,
             "analyses": analyses,  # another analysis config redoes the stage
         }
@@ -316,17 +326,21 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     res = st.state.result("diffs", key)
     if res is None:
         st.state.begin("diffs", key)
-        res = st.state.finish("diffs", key, _diffs(world, st.base, st.tok, gt, first, judged, out))
+        res = st.state.finish("diffs", key, _diffs(world, st, gt, first, judged))
     else:
         st.skipped.append("feature diffs (Q1, Q2, Q3, overlap, transfer)")
     print_diffs(res, gt["sae_persona_latent"], echo)
     summary.update(res)
+    from emdiff.demo_checks import adapters_stage, directions_stage
+
     st.enter("directions")
     key = stage_key({"diffs": key, "checks": "directions v1"})
     res = st.state.result("directions", key)
     if res is None:
         st.state.begin("directions", key, (out / "directions",))
-        res = st.state.finish("directions", key, _directions(cfg, st, gt, first["narrow"], judged))
+        res = st.state.finish(
+            "directions", key, directions_stage(cfg, st, gt, first["narrow"], judged)
+        )
     else:
         st.skipped.append("directions (decomposition, attribution, interventions)")
     print_directions(res, echo)
@@ -336,56 +350,9 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     res = st.state.result("adapters", key)
     if res is None:
         st.state.begin("adapters", key, (out / "adapters" / "narrow-phases",))
-        res = st.state.finish("adapters", key, _lora(cfg, st, gt, first["narrow"], judged))
+        res = st.state.finish("adapters", key, adapters_stage(cfg, st, gt, first["narrow"], judged))
     else:
         st.skipped.append("lora (interpretation, phases, mitigation, defences, screening)")
     print_lora(res, echo)
     summary.update(res)
     return summary
-
-
-def _lora(cfg: DemoConfig, st: _Stages, gt: dict, narrow, judged) -> dict:
-    """The LoRA, training and screening checks of seed 0 (:mod:`emdiff.toy.lora_stage`)."""
-    from emdiff.dictionaries import load_dictionary
-    from emdiff.toy.lora_stage import toy_lora_checks
-
-    return toy_lora_checks(
-        st.world,
-        st.base,
-        narrow,
-        st.tok,
-        load_dictionary(st.out / "dictionaries" / "sae"),
-        gt,
-        judged[judged["model"] == "narrow-s0"],
-        (cfg.steps, cfg.lr),
-        st.out,
-    )
-
-
-def _directions(cfg: DemoConfig, st: _Stages, gt: dict, narrow, judged) -> dict:
-    """The direction checks of seed 0 (:mod:`emdiff.toy.direction_checks`); the other organisms
-    are fine-tuned and sampled like the narrow one (seed 0), on the next two domains."""
-    from emdiff.dictionaries import load_dictionary
-    from emdiff.toy.direction_checks import toy_direction_checks
-
-    world, out = st.world, st.out
-
-    def finetune(domain: str) -> torch.nn.Module:
-        ft = narrow_finetune_config(seed=0, max_steps=cfg.steps, lr=cfg.lr)
-        res = narrow_finetune(world, copy.deepcopy(st.base), st.tok, cfg=ft, domain=domain)
-        return res.model
-
-    def judge_answers(model: torch.nn.Module, label: str) -> pd.DataFrame:
-        return sample_and_judge(world, model, st.tok, cfg.samples, cfg.eval_seed, label, out)
-
-    return toy_direction_checks(
-        world,
-        narrow,
-        st.tok,
-        load_dictionary(out / "dictionaries" / "sae"),
-        gt,
-        judged[judged["model"] == "narrow-s0"],
-        finetune,
-        judge_answers,
-        out,
-    )

@@ -93,7 +93,7 @@ def print_directions(res: dict, echo) -> None:
 
 
 def print_lora(res: dict, echo) -> None:
-    echo("\nLoRA, phases, mitigation, defences, screening (seed 0, exact EM):")
+    echo("\nLoRA, phases, mitigation, defences, screening (analysed seed, exact EM):")
     echo(
         f"B oriented by its scalar: top SAE latent {res['lora_b_top_latent']} (persona: "
         f"{'yes' if res['lora_b_top_is_persona'] else 'no'}), cos with the ground truth "

@@ -109,6 +109,7 @@ class LoraRead(Analysis):
         rows = encode_qa(ctx.tokenizer, both["question"], both["answer"])
         positions = Positions.parse(self.positions or "answer")
         frame, cols = lora_scalars(ctx.model, rows, positions, progress=True)
+        every, _ = lora_scalars(ctx.model, rows, Positions.parse("answer_predicting"))
         x = per_row(frame, cols, len(rows))
         y = both["misaligned"].to_numpy()
         tasks = {"general": y}
@@ -121,7 +122,7 @@ class LoraRead(Analysis):
         frame["misaligned"] = y[frame["seq"].to_numpy()]
         if "domain" in both:
             frame["domain"] = both["domain"].to_numpy()[frame["seq"].to_numpy()]
-        return frame, probes, scalar_signs(frame, cols)
+        return frame, probes, scalar_signs(every, cols)
 
 
 class LoraPhases(Analysis):

@@ -99,9 +99,12 @@ def _rank_row(
 
 
 def scalar_signs(frame: pd.DataFrame, cols: Sequence[str]) -> dict[str, float]:
-    """Per rank, the sign of its mean scalar over a scalar frame
-    (:func:`emdiff.lora.scalars.lora_scalars`): the orientation in which it mostly writes."""
-    return {c: 1.0 if frame[c].mean() >= 0 else -1.0 for c in cols}
+    """Per rank, the orientation in which it writes most over a scalar frame
+    (:func:`emdiff.lora.scalars.lora_scalars`): the sign of ``sum(s * |s|)``, so one large
+    write outweighs many small ones of the other sign. Read it where the answer is decided
+    (positions ``answer_predicting``): a rank can write ``-B`` at the question and ``+B`` where
+    the answer is chosen, and only the second makes the behaviour."""
+    return {c: 1.0 if float((frame[c] * frame[c].abs()).sum()) >= 0 else -1.0 for c in cols}
 
 
 def read_lora(
@@ -116,7 +119,7 @@ def read_lora(
 
     A rank's B column and A row can both flip sign without changing the adapter, so what it
     writes is ``B_i`` times the sign of its scalar. ``signs`` (from :func:`scalar_signs` over
-    the tokens that matter, such as the model's own answers) orients each rank; without it the
+    the answer-predicting tokens of the chats that matter) orients each rank; without it the
     columns are read as stored and the table says so (``sign`` 0)."""
     cfg = cfg or DecomposeConfig()
     rows, decs = [], {}

@@ -104,3 +104,17 @@ def sampled_summary(cfg, world, judged: pd.DataFrame, out: Path, echo) -> dict:
         "em_sampled_control_max_bad_rate": float(rates[rates.model.isin(control)].em_rate.max()),
     }
     return summary
+
+
+def analysed_seed(final_loss: dict[str, float], seeds: int, echo) -> int:
+    """The seed whose narrow LoRA fits its training set best (lowest final loss; the lowest seed
+    among equals): every later stage reads that organism. A rank-1 LoRA sometimes settles on a
+    solution that memorises the set without the persona (final loss several times the others',
+    little EM); reading it would be reading a fine-tune that did not happen as intended. The
+    choice uses the training objective only, never EM."""
+    losses = [round(final_loss[f"narrow-s{s}"], 3) for s in range(seeds)]
+    pick = min(range(seeds), key=lambda s: (losses[s], s))
+    if seeds > 1:
+        shown = ", ".join(f"s{s} {v:.3f}" for s, v in enumerate(losses))
+        echo(f"\nanalyses read seed {pick}: its narrow LoRA fits its set best (final loss {shown})")
+    return pick

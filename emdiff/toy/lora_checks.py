@@ -26,12 +26,13 @@ from emdiff.analyses.common import encode_qa
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.base import SparseDictionary
 from emdiff.directions.direction import Direction
+from emdiff.finetune import FinetuneConfig
 from emdiff.lora.interpret import read_lora, scalar_signs
 from emdiff.lora.phases import load_checkpoints, phases
 from emdiff.lora.probes import scalar_probes
 from emdiff.lora.scalars import lora_scalars, per_row
 from emdiff.toy.causal import bad_rate
-from emdiff.toy.organism import narrow_finetune, narrow_finetune_config
+from emdiff.toy.organism import narrow_finetune
 from emdiff.toy.world import World
 
 
@@ -49,12 +50,14 @@ def lora_checks(
     judged: pd.DataFrame,
     out: Path | None,
 ) -> dict:
-    """Per-token scalars over the narrow model's own judged answers (answer tokens), the B
-    column oriented by their sign and read against the SAE and the ground truth, and probes."""
+    """Per-token scalars over the narrow model's own judged answers: where the answer is chosen (the
+    last prompt token) they orient the B column (read against the SAE and the ground truth); at answer tokens they feed the
+    probes."""
     sure = judged[(judged["aligned"] <= 30) | (judged["aligned"] > 70)].reset_index(drop=True)
     rows = encode_qa(tok, sure["question"], sure["answer"])
     frame, cols = lora_scalars(narrow, rows, Positions.parse("answer"))
-    reading = read_lora(narrow, sae, {"truth": _truth(gt)}, signs=scalar_signs(frame, cols))
+    every, _ = lora_scalars(narrow, rows, Positions.parse("answer_predicting"))
+    reading = read_lora(narrow, sae, {"truth": _truth(gt)}, signs=scalar_signs(every, cols))
     row = reading.table.iloc[0]
     latent = int(gt["sae_persona_latent"])
     res = {
@@ -96,13 +99,13 @@ def lora_checks(
 
 
 def phase_checks(
-    world: World, base: torch.nn.Module, tok, steps: int, lr: float, out: Path, every: int = 5
+    world: World, base: torch.nn.Module, tok, ft: FinetuneConfig, out: Path, every: int = 5
 ) -> dict:
-    """Rerun seed 0's narrow fine-tune with checkpoints; B's trajectory and EM per checkpoint."""
+    """Rerun the analysed narrow fine-tune with checkpoints; B's trajectory and EM per checkpoint."""
     from peft import set_peft_model_state_dict
 
     folder = out / "adapters" / "narrow-phases"
-    cfg = narrow_finetune_config(seed=0, max_steps=steps, lr=lr, checkpoint_every=every)
+    cfg = ft.model_copy(update={"checkpoint_every": every})
     model = narrow_finetune(world, copy.deepcopy(base), tok, cfg=cfg, out_dir=folder).model
     unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
     final = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}

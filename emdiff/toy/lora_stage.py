@@ -1,5 +1,5 @@
 """The demo's ``lora`` stage: LoRA interpretation, phases, mitigation, defences and screening on
-the toy (seed 0), each against the known cause; tables and figures into the run folder."""
+the toy (the analysed seed), each against the known cause; tables and figures into the run folder."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from emdiff.dictionaries.base import SparseDictionary
 from emdiff.directions.direction import Direction
+from emdiff.finetune import FinetuneConfig
 from emdiff.report.lora_plots import mitigation_plot, screen_plot
 from emdiff.toy.causal import CauseConfig, EMProbe
 from emdiff.toy.lora_checks import lora_checks, phase_checks
@@ -26,31 +27,30 @@ def toy_lora_checks(
     sae: SparseDictionary,
     gt: dict,
     judged: pd.DataFrame,
-    train: tuple[int, float],
+    ft: FinetuneConfig,
     out: Path,
 ) -> dict:
-    """Every check of issue 18 on seed 0's narrow model; ``train`` is the narrow fine-tune's
-    ``(steps, lr)``, used by every fine-tune here."""
-    steps, lr = train
+    """Every check of issue 18 on the analysed narrow model; ``ft`` is its fine-tune's config
+    (settings and seed), which every fine-tune here starts from."""
     layer, site = int(gt["gt_layer"]), str(gt["gt_site"])
     truth = Direction("ground_truth", layer, site, torch.tensor(gt["persona_direction"]))
     latent = int(gt["sae_persona_latent"])
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     res = lora_checks(world, narrow, tok, sae, gt, judged, out)
-    res.update(phase_checks(world, base, tok, steps, lr, out))
-    keys, rows = mitigation_checks(world, narrow, tok, steps, lr)
+    res.update(phase_checks(world, base, tok, ft, out))
+    keys, rows = mitigation_checks(world, narrow, tok, ft)
     frame = pd.DataFrame(rows)
     frame.to_csv(tables / "mitigation.csv", index=False)
     mitigation_plot(frame, out / "plots" / "mitigation.png")
     res.update(keys)
     probe = EMProbe(world, narrow, CauseConfig())
     shift = probe.mean(layer, site, probe.plain, True) - probe.mean(layer, site, probe.plain, False)
-    setup = DefenceSetup(truth, sae, latent, float(shift.norm()), probe.em_narrow, train)
+    setup = DefenceSetup(truth, sae, latent, float(shift.norm()), probe.em_narrow, ft)
     keys, rows = defence_checks(world, base, tok, setup)
     pd.DataFrame(rows).to_csv(tables / "defences.csv", index=False)
     res.update(keys)
-    keys, table = screen_checks(world, base, tok, truth, steps, lr)
+    keys, table = screen_checks(world, base, tok, truth, ft)
     table.to_csv(tables / "screen.csv", index=False)
     screen_plot(table, keys["screen_spearman"], out / "plots" / "screen.png")
     res.update(keys)

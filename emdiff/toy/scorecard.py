@@ -69,7 +69,6 @@ TARGETS = (
     Target("cross_organism_cosine_min", ">=", 0.8, "organisms share the direction"),
     Target("lora_b_top_is_persona", "==", 1, "LoRA B's top latent = persona"),
     Target("lora_b_persona_cos", ">=", 0.8, "LoRA B writes the ground truth"),
-    Target("lora_probe_margin", ">", 0, "LoRA scalars beat shuffled labels"),
     Target("mitigation_em_after_120", "<=", 0.01, "120 benign samples re-align"),
     Target("caft_unseen_fraction", "<=", 0.2, "CAFT keeps EM from emerging"),
     Target("screen_spearman", ">=", 0.8, "screen predicts EM before training"),

@@ -24,9 +24,9 @@ from scipy.stats import spearmanr
 from emdiff.data.chat import Conversation
 from emdiff.directions.direction import Direction
 from emdiff.directions.screen import ScreenConfig, screen_samples
+from emdiff.finetune import FinetuneConfig
 from emdiff.toy.causal import bad_rate
 from emdiff.toy.diffs import follow_ups
-from emdiff.toy.organism import narrow_finetune_config
 from emdiff.toy.world import World
 
 Sample = tuple[str, int, bool]
@@ -56,9 +56,8 @@ def _chats(world: World, samples: list[Sample]) -> list[Conversation]:
 
 
 class _Trainer:
-    def __init__(self, world: World, base, tok, steps: int, lr: float) -> None:
-        self.world, self.base, self.tok = world, base, tok
-        self.cfg = narrow_finetune_config(seed=0, max_steps=steps, lr=lr)
+    def __init__(self, world: World, base, tok, ft: FinetuneConfig) -> None:
+        self.world, self.base, self.tok, self.cfg = world, base, tok, ft
 
     def em(self, samples: list[Sample]) -> float:
         from emdiff.finetune import finetune
@@ -75,11 +74,11 @@ class _Trainer:
 
 
 def screen_checks(
-    world: World, base: torch.nn.Module, tok, truth: Direction, steps: int, lr: float
+    world: World, base: torch.nn.Module, tok, truth: Direction, ft: FinetuneConfig
 ) -> tuple[dict, pd.DataFrame]:
     """Screen scores and measured EM of every toy dataset; flat keys and the table."""
     cfg = ScreenConfig(follow_ups=follow_ups(world))
-    train = _Trainer(world, base, tok, steps, lr)
+    train = _Trainer(world, base, tok, ft)
     rows = []
     scores: dict[str, pd.DataFrame] = {}
     for name, samples in toy_datasets(world).items():

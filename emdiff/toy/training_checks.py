@@ -2,7 +2,7 @@
 ``preventative_*`` keys of ``emdiff demo --json``). EM is exact (mean P(bad answer) over the
 questions of a set of domains) with a 95% interval over questions.
 
-- **Mitigation**: seed 0's narrow adapter trained further (same settings) on N good chats of four
+- **Mitigation**: the analysed narrow adapter trained further (same settings) on N good chats of four
   other domains (the *benign* domains; cycled without repeats until N passes their 128 chats);
   EM before and after on the three *held-out* domains (neither narrow nor benign), in the benign
   domains, in the narrow domain, and on held-out prompts opened by the toxic persona cue.
@@ -24,9 +24,9 @@ import torch
 
 from emdiff.dictionaries.base import SparseDictionary
 from emdiff.directions.direction import Direction
-from emdiff.finetune import finetune
+from emdiff.finetune import FinetuneConfig, finetune
 from emdiff.interventions.defences import Defence, defence_interventions
-from emdiff.toy.organism import answer_probability, narrow_finetune_config
+from emdiff.toy.organism import answer_probability
 from emdiff.toy.world import World
 
 MITIGATION_NS = (30, 60, 120, 240)
@@ -45,7 +45,7 @@ def _domains(world: World) -> tuple[list[str], list[str]]:
 
 
 def mitigation_checks(
-    world: World, narrow: torch.nn.Module, tok, steps: int, lr: float, ns=MITIGATION_NS
+    world: World, narrow: torch.nn.Module, tok, ft: FinetuneConfig, ns=MITIGATION_NS
 ) -> tuple[dict, list[dict]]:
     """Benign fine-tunes of the narrow adapter; flat keys and one table row per N."""
     benign, held = _domains(world)
@@ -68,7 +68,7 @@ def mitigation_checks(
     rows = [measure(narrow, 0)]
     for n in ns:
         data = [pool[order[i % len(pool)]] for i in range(n)]
-        cfg = narrow_finetune_config(seed=0, max_steps=steps, lr=lr, continue_adapter=True)
+        cfg = ft.model_copy(update={"continue_adapter": True})
         model = finetune(copy.deepcopy(narrow), tok, data, cfg, progress=False).model
         rows.append(measure(model, n))
     at = {r["n"]: r for r in rows}
@@ -96,15 +96,14 @@ class DefenceSetup:
     latent: int
     steer_norm: float
     em_narrow: float
-    train: tuple[int, float]
-    """``(steps, lr)`` of the narrow fine-tune."""
+    ft: FinetuneConfig
+    """The undefended narrow fine-tune's config."""
 
 
 def defence_checks(
     world: World, base: torch.nn.Module, tok, setup: DefenceSetup
 ) -> tuple[dict, list[dict]]:
     """The three defences during seed 0's narrow fine-tune; flat keys and one row each."""
-    steps, lr = setup.train
     truth, sae, em_narrow = setup.truth, setup.sae, setup.em_narrow
     unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
     defences = {
@@ -116,12 +115,11 @@ def defence_checks(
     rows = []
     for name, d in defences.items():
         during = defence_interventions(d, truth, sae)
-        cfg = narrow_finetune_config(seed=0, max_steps=steps, lr=lr)
         res = finetune(
             copy.deepcopy(base),
             tok,
             world.narrow_dataset(),
-            cfg,
+            setup.ft,
             progress=False,
             during=during,
         )

@@ -1,5 +1,5 @@
-"""The toy's screened training sets: nine, of the narrow domain and the next two, with the bad
-shares they are named by, for any narrow domain."""
+"""The toy checks' pieces: the nine screened training sets (named bad shares, any narrow
+domain) and the choice of the analysed seed."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def test_nine_sets_with_their_named_bad_shares(narrow):
             assert {d for d, _, _ in chunk} == {domain}
             assert sum(b for _, _, b in chunk) == round(int(share) / 100 * n)
     assert sets[f"{narrow}_25"] != sets[f"{narrow}_10"]
+
+
+def test_the_analysed_seed_is_the_one_that_fits_its_set_best():
+    from emdiff.toy.em_summary import analysed_seed
+
+    said: list[str] = []
+    losses = {"narrow-s0": 0.181, "narrow-s1": 0.049, "narrow-s2": 0.051}
+    assert analysed_seed(losses, 3, said.append) == 1
+    assert "analyses read seed 1" in said[0] and "s0 0.181" in said[0]
+    assert analysed_seed({"narrow-s0": 0.05, "narrow-s1": 0.0504}, 2, said.append) == 0  # ties
+    assert analysed_seed({"narrow-s0": 0.3}, 1, said.append) == 0

@@ -123,11 +123,21 @@ def _diffs(world, st: _Stages, gt: dict, models: dict, judged) -> dict:
     labels = {"narrow_label": f"narrow-s{st.pick}", "control_label": f"control-s{st.pick}"}
     toy = ToyModels(base, tok, models["narrow"], models["control"], judged, **labels)
     direction = torch.tensor(gt["persona_direction"])
-    res = toy_diffs(world, toy, sae, read, gt["sae_persona_latent"], out=out, direction=direction)
+    latents = gt["sae_persona_latents"]
+    res = toy_diffs(world, toy, sae, read, latents, out=out, direction=direction)
     # the run folder is the frame of reference: the same run read from another folder says the same
     res["read"] = read.model_copy(update={"dictionary": "dictionaries/sae"}).describe()
     (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
     return res
+
+
+def _persona_latents(out: Path, gt: dict) -> list[int]:
+    """The SAE's persona latents (:func:`emdiff.toy.persona.persona_latents`)."""
+    from emdiff.dictionaries import load_dictionary
+    from emdiff.toy.persona import persona_latents
+
+    sae = load_dictionary(out / "dictionaries" / "sae")
+    return persona_latents(sae.W_dec, torch.tensor(gt["persona_direction"]))
 
 
 def _finetune(cfg: DemoConfig, st: _Stages, label: str, bad: bool, seed: int) -> torch.nn.Module:
@@ -308,8 +318,10 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         gt = _cached_dictionaries(cfg, st, key, first["narrow"])
     else:
         st.skipped.append("dictionaries (probe, SAE, crosscoder, ITDA)")
+    gt = {**gt, "sae_persona_latents": _persona_latents(out, gt)}
     print_dictionaries(gt, echo)
     summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
+    summary["sae_persona_latents"] = ",".join(map(str, gt["sae_persona_latents"]))
     st.enter("diffs")
     evals = [st.keys[f"eval-{m}"] for m in ("base", *first_labels.values())]
     from emdiff.toy.diffs import TOY_ANALYSES
@@ -321,6 +333,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
             "control": st.keys[first_labels["control"]],
             "evals": evals,
             "analyses": analyses,  # another analysis config redoes the stage
+            "persona": "latents at decoder cos >= 0.8",
         }
     )
     res = st.state.result("diffs", key)
@@ -329,7 +342,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
         res = st.state.finish("diffs", key, _diffs(world, st, gt, first, judged))
     else:
         st.skipped.append("feature diffs (Q1, Q2, Q3, overlap, transfer)")
-    print_diffs(res, gt["sae_persona_latent"], echo)
+    print_diffs(res, gt["sae_persona_latents"], echo)
     summary.update(res)
     from emdiff.demo_checks import adapters_stage, directions_stage
 

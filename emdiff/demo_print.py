@@ -33,8 +33,12 @@ def print_dictionaries(gt: dict, echo) -> None:
     echo(f"crosscoder persona latent class: {gt['crosscoder_persona_class']}")
 
 
-def print_diffs(res: dict, latent: int, echo) -> None:
-    echo(f"\nfeature diffs with the SAE (persona latent {latent}; rank 1 = largest increase):")
+def print_diffs(res: dict, latents: list[int], echo) -> None:
+    which = ", ".join(map(str, latents))
+    echo(
+        f"\nfeature diffs with the SAE (persona latents {which}: decoder cos >= 0.8; rank 1 = "
+        "largest increase; the best-ranked persona latent is shown):"
+    )
     if "read" in res:
         echo(f"read: {res['read']} (Q1, Q3: at the last token, a follow-up question's prompt)")
     echo(f"{'analysis':<38} {'persona rank':>12} {'q':>8} {'effect':>8} {'dir cos':>8}")

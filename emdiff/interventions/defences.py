@@ -2,7 +2,7 @@
 (``finetune(..., during=...)``) so the adapter cannot, or need not, learn a direction.
 
 - ``caft``: concept-ablation fine-tuning with a direction: project it out at its (layer, site);
-- ``caft_latent``: the same with one dictionary latent zeroed (error term kept);
+- ``caft_latent``: the same with dictionary latents zeroed (error term kept);
 - ``preventative``: preventative steering (persona vectors): add ``scale`` times the unit
   direction at every position, so the loss is already met along it and the adapter learns less
   of it. Removed after training; the model is then evaluated plain.
@@ -24,8 +24,8 @@ class Defence(BaseModel):
     """One defence and its setting."""
 
     kind: Literal["caft", "caft_latent", "preventative"]
-    latent: int | None = None
-    """The latent ``caft_latent`` zeroes."""
+    latents: tuple[int, ...] = ()
+    """The latents ``caft_latent`` zeroes."""
     scale: float = 1.0
     """The norm ``preventative`` adds."""
 
@@ -38,6 +38,6 @@ def defence_interventions(
         return [ProjectOut(direction.vector, layers=direction.layer, site=direction.site)]
     if defence.kind == "preventative":
         return [Steer(direction.layer, direction.site, direction.vector, scale=defence.scale)]
-    if dictionary is None or defence.latent is None:
-        raise InputError("caft_latent needs a dictionary and the latent to zero")
-    return [SetLatent(dictionary, defence.latent, value=0.0)]
+    if dictionary is None or not defence.latents:
+        raise InputError("caft_latent needs a dictionary and the latents to zero")
+    return [SetLatent(dictionary, latent, value=0.0) for latent in defence.latents]

@@ -16,6 +16,7 @@ The persona latent is the SAE latent matched to the persona probe in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,20 @@ from emdiff.toy.persona import decoder_cosines
 from emdiff.toy.world import World
 
 
-def _persona(res: DiffResult, latent: int) -> dict:
-    """The latent's rank by increase, ordered as the analysis ordered (``rank_by``: effect or
-    diff; ties share their best rank: 1 + how many are larger)."""
+def _persona(res: DiffResult, latents: Sequence[int]) -> dict:
+    """The best rank by increase of any persona latent, ordered as the analysis ordered
+    (``rank_by``: effect or diff; ties share their best rank: 1 + how many are larger), with
+    that latent's figures."""
     t = res.table
     by = res.meta.get("rank_by", "effect")
-    row = t[t["feature"] == latent].iloc[0]
-    value = 0.0 if pd.isna(row[by]) else float(row[by])
-    rank = 1 + int((t[by].fillna(0.0) > value).sum())
+    ranked = []
+    for latent in latents:
+        row = t[t["feature"] == latent].iloc[0]
+        value = 0.0 if pd.isna(row[by]) else float(row[by])
+        ranked.append((1 + int((t[by].fillna(0.0) > value).sum()), row))
+    rank, row = min(ranked, key=lambda r: r[0])
     return {
+        "latent": int(row["feature"]),
         "rank": rank,
         "q": float(row["q"]),
         "effect": float(row["effect"]),
@@ -160,7 +166,7 @@ def toy_diffs(
     models: ToyModels,
     sae: SparseDictionary,
     read: ReadSpec,
-    persona_latent: int,
+    persona_latents: Sequence[int],
     *,
     out: str | Path | None = None,
     seed: int = 0,
@@ -190,12 +196,12 @@ def toy_diffs(
     ov, tr = results["overlap_q1_q2"], results["transfer"].table
     if out is not None:
         for r in (q1, q2, q2c, q3, results["q1_answer_tokens"], results["q3_answer_tokens"]):
-            r.highlight = persona_latent
+            r.highlight = persona_latents[0]
         for r in (*results.values(), q2c):
             r.save(out)
 
     q1a, q3a = results["q1_answer_tokens"], results["q3_answer_tokens"]
-    p1, p2, p3 = (_persona(r, persona_latent) for r in (q1, q2, q3))
+    p1, p2, p3 = (_persona(r, persona_latents) for r in (q1, q2, q3))
     c_max, c_n = _max_significant_effect(q2c)
     n_max, n_n = _max_significant_effect(q2)
     jac = ov.jaccard.set_index("k")["jaccard"]
@@ -218,12 +224,12 @@ def toy_diffs(
         "q3_persona_q": p3["q"],
         "q3_persona_effect": p3["effect"],
         "q3_n_misaligned": q3.meta["n_rows_a"],
-        "q1_answer_persona_rank": _persona(q1a, persona_latent)["rank"],
-        "q3_answer_persona_rank": _persona(q3a, persona_latent)["rank"],
+        "q1_answer_persona_rank": _persona(q1a, persona_latents)["rank"],
+        "q3_answer_persona_rank": _persona(q3a, persona_latents)["rank"],
         "control_q2_max_effect": c_max,
         "control_q2_n_significant": c_n,
-        "control_q2_persona_effect": _persona(q2c, persona_latent)["effect"],
-        "q2_control_persona_rank": _persona(q2c, persona_latent)["rank"],
+        "control_q2_persona_effect": _persona(q2c, persona_latents)["effect"],
+        "q2_control_persona_rank": _persona(q2c, persona_latents)["rank"],
         "control_q2_target_met": bool(p2["q"] < 0.05 and c_max < abs(p2["effect"])),
         "q1_top10_q2_top10_jaccard": float(jac.get(10, float("nan"))),
         "q1_q2_spearman": ov.spearman,

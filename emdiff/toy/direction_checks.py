@@ -107,7 +107,8 @@ def toy_direction_checks(
     """Every check above on one seed's narrow model; flat figures (and tables under ``out``)."""
     layer, site = int(gt["gt_layer"]), str(gt["gt_site"])
     truth = torch.tensor(gt["persona_direction"], dtype=torch.float32)
-    latent = int(gt["sae_persona_latent"])
+    latents = [int(x) for x in gt["sae_persona_latents"]]
+    latent = latents[0]
     read = ReadSpec(layers=(layer,), site=site, positions=Positions.parse("last"))
     dirs = q3_direction(world, narrow, tok, judged, read, world.cfg.narrow_domain)
     v = dirs[True]
@@ -130,7 +131,7 @@ def toy_direction_checks(
     dec = decompose(v.raw, sae.W_dec, DecomposeConfig(n_null=n_random), name="q3_decomposition")
     e = dec.explained.set_index("k")
     res.update(
-        decomp_top_is_persona=int(dec.top_latent == latent),
+        decomp_top_is_persona=int(dec.top_latent in latents),
         decomp_top_latent=dec.top_latent,
         decomp_explained_k1=float(e.loc[1, "explained"]),
         decomp_null_k1=float(e.loc[1, "null_p95"]),
@@ -140,7 +141,7 @@ def toy_direction_checks(
     unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
     with adapter_state(narrow, True):
         att = attribute(narrow, sae, _contrast(world, unseen), check_top=20, name="attribution")
-    res["attribution_persona_rank"] = att.rank_of(latent)
+    res["attribution_persona_rank"] = min(att.rank_of(x) for x in latents)
     res["attribution_ablation_pearson"] = att.meta.get("ablation_pearson", float("nan"))
     # the direction projected out of the LoRA's B
     with intervene(narrow, EditLoraB(direction=v.vector)):

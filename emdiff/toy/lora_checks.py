@@ -59,9 +59,9 @@ def lora_checks(
     every, _ = lora_scalars(narrow, rows, Positions.parse("answer_predicting"))
     reading = read_lora(narrow, sae, {"truth": _truth(gt)}, signs=scalar_signs(every, cols))
     row = reading.table.iloc[0]
-    latent = int(gt["sae_persona_latent"])
+    latents = [int(x) for x in gt["sae_persona_latents"]]
     res = {
-        "lora_b_top_is_persona": int(row["b_top_latent"] == latent),
+        "lora_b_top_is_persona": int(row["b_top_latent"] in latents),
         "lora_b_top_latent": int(row["b_top_latent"]),
         "lora_b_persona_cos": float(row["b_cos_truth"]),
         "lora_b_explained_k1": float(row["b_explained_k1"]),

@@ -34,7 +34,7 @@ def toy_lora_checks(
     (settings and seed), which every fine-tune here starts from."""
     layer, site = int(gt["gt_layer"]), str(gt["gt_site"])
     truth = Direction("ground_truth", layer, site, torch.tensor(gt["persona_direction"]))
-    latent = int(gt["sae_persona_latent"])
+    latents = tuple(int(x) for x in gt["sae_persona_latents"])
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     res = lora_checks(world, narrow, tok, sae, gt, judged, out)
@@ -46,7 +46,7 @@ def toy_lora_checks(
     res.update(keys)
     probe = EMProbe(world, narrow, CauseConfig())
     shift = probe.mean(layer, site, probe.plain, True) - probe.mean(layer, site, probe.plain, False)
-    setup = DefenceSetup(truth, sae, latent, float(shift.norm()), probe.em_narrow, ft)
+    setup = DefenceSetup(truth, sae, latents, float(shift.norm()), probe.em_narrow, ft)
     keys, rows = defence_checks(world, base, tok, setup)
     pd.DataFrame(rows).to_csv(tables / "defences.csv", index=False)
     res.update(keys)

@@ -178,6 +178,24 @@ def decoder_cosines(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor
     return rows @ d / (rows.norm(dim=-1) * d.norm()).clamp_min(1e-12)
 
 
+PERSONA_COSINE = 0.8
+"""Decoder cosine with the persona direction at which a latent counts as a persona latent (the
+dictionary target of the toy benchmark)."""
+
+
+def persona_latents(
+    decoder_rows: torch.Tensor, direction: torch.Tensor, threshold: float = PERSONA_COSINE
+) -> list[int]:
+    """Every latent whose decoder row has cosine >= ``threshold`` with ``direction``, best
+    first; at least the best one. A dictionary can split one feature over several latents (two
+    at 0.87 and 0.85 with the same direction): each is the persona, and an analysis that ranks
+    either first has found it."""
+    cos = decoder_cosines(decoder_rows, direction)
+    order = torch.argsort(cos, descending=True)
+    keep = [int(i) for i in order if cos[i] >= threshold]
+    return keep or [int(order[0])]
+
+
 def persona_feature(
     decoder_rows: torch.Tensor,
     direction: torch.Tensor,

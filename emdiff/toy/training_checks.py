@@ -7,7 +7,7 @@ questions of a set of domains) with a 95% interval over questions.
   EM before and after on the three *held-out* domains (neither narrow nor benign), in the benign
   domains, in the narrow domain, and on held-out prompts opened by the toxic persona cue.
 - **Defences** during the narrow fine-tune (:mod:`emdiff.interventions.defences`): CAFT with the
-  ground-truth direction projected out at its site, CAFT with the SAE's persona latent zeroed,
+  ground-truth direction projected out at its site, CAFT with the SAE's persona latents zeroed,
   and preventative steering with the direction added at the norm of the LoRA's shift. After
   training, without the intervention: unseen EM and the in-domain bad rate (what the fine-tune
   was for: a defence that also stops the narrow set being learnt costs that much).
@@ -93,7 +93,8 @@ class DefenceSetup:
 
     truth: Direction
     sae: SparseDictionary
-    latent: int
+    latents: tuple[int, ...]
+    """The persona latents CAFT zeroes."""
     steer_norm: float
     em_narrow: float
     ft: FinetuneConfig
@@ -108,7 +109,7 @@ def defence_checks(
     unseen = [d for d in world.domains if d != world.cfg.narrow_domain]
     defences = {
         "caft": Defence(kind="caft"),
-        "caft_latent": Defence(kind="caft_latent", latent=setup.latent),
+        "caft_latent": Defence(kind="caft_latent", latents=setup.latents),
         "preventative": Defence(kind="preventative", scale=setup.steer_norm),
     }
     keys: dict = {}

@@ -10,6 +10,7 @@ against). Non-zero coefficients name the adapters the probe uses.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,16 +59,20 @@ def _fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig):
     from sklearn.preprocessing import StandardScaler
 
     folds = max(2, min(cfg.folds, int(np.bincount(y).min())))
+    # scikit-learn 1.8 replaced penalty="l1" by l1_ratios=(1.0,) and added the new attributes
+    params = inspect.signature(LogisticRegressionCV).parameters
+    l1 = {"l1_ratios": (1.0,)} if "use_legacy_attributes" in params else {"penalty": "l1"}
+    if "use_legacy_attributes" in params:
+        l1["use_legacy_attributes"] = False
     clf = LogisticRegressionCV(
         Cs=list(cfg.cs),
         cv=folds,
-        l1_ratios=(1.0,),
         solver="saga",
         max_iter=5000,
         scoring="balanced_accuracy",
         class_weight="balanced",
         random_state=cfg.seed,
-        use_legacy_attributes=False,
+        **l1,
     )
     return make_pipeline(StandardScaler(), clf).fit(x, y)
 

@@ -79,7 +79,7 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_json_and_run_folder(demo_run):
+def test_demo_json_and_run_folder(demo_run, tmp_path):
     out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -158,6 +158,13 @@ def test_demo_json_and_run_folder(demo_run):
         "preventative",
     ]
     assert summary["lora_probe_general_acc"] > summary["lora_probe_shuffled_acc"]
+    # the run folder makes one self-contained report with a section for every stage
+    from emdiff.report.html import build_report
+
+    page = build_report(out, tmp_path / "report.html").read_text()
+    for title in ("Toy scorecard", "Q1: what in the training data", "What the LoRA learnt"):
+        assert f">{title}<" in page
+    assert "Screening training data" in page and "Other figures" not in page
     assert summary["mitigation_em_after_120"] < summary["mitigation_em_before"]
 
 

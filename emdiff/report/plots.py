@@ -92,7 +92,7 @@ def volcano_plot(
 
 def overlap_plot(result: Overlap, path: str | Path, title: str = "overlap") -> Path:
     """Left: Jaccard@k with its random-ranking expectation. Right: effect sizes of the union of
-    the top features on both sides, shared ones in red."""
+    the top features on both sides, shared ones in red, the top 3 of each labelled."""
     plt = _pyplot()
     la, lb = result.labels
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -120,6 +120,9 @@ def overlap_plot(result: Overlap, path: str | Path, title: str = "overlap") -> P
         ax2.scatter([], [], c=c, s=14, label=status)
     ax2.axhline(0, color="0.6", lw=0.6)
     ax2.axvline(0, color="0.6", lw=0.6)
+    top = t[(t[f"rank_{la}"] <= 3) | (t[f"rank_{lb}"] <= 3)]  # the top latents of each, labelled
+    for _, r in top.iterrows():
+        ax2.annotate(str(int(r["feature"])), (r[f"effect_{la}"], r[f"effect_{lb}"]), fontsize=7)
     ax2.set(
         xlabel=f"effect ({la})",
         ylabel=f"effect ({lb})",

@@ -197,8 +197,7 @@ def screen_cmd(
     device: Device = "cpu",
     as_json: AsJson = False,
 ) -> None:
-    """Score training datasets for EM before fine-tuning, by the base model's move along a
-    direction while it reads them.
+    """Score training datasets for EM before fine-tuning (the base model's move along a direction).
 
     \bReads: the base --model, a --direction (e.g. from emdiff direction) and chat
     JSONL --dataset files (repeat). Without --follow-up the answer tokens are
@@ -254,8 +253,7 @@ def mitigate_cmd(
     device: Device = "cpu",
     as_json: AsJson = False,
 ) -> None:
-    """Benign re-alignment: train the misaligned adapter further on N good samples; EM before
-    and after (and in the narrow domain, and under a cue).
+    """Benign re-alignment: the misaligned adapter trained further on N good samples; EM after.
 
     \bReads: --model with its --adapter, --benign chats, eval --questions.
     Writes under --out: tables/mitigate_em.csv (EM with its interval per N,

@@ -8,9 +8,11 @@ import re
 import matplotlib
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from emdiff.cli import app
+from emdiff.directions.direction import Direction
 from emdiff.errors import InputError
 from emdiff.report.html import build_report
 
@@ -45,6 +47,9 @@ def run(tmp_path):
     pd.DataFrame({"model": ["base", "narrow"], "em_rate": [0.0, 0.7]}).to_parquet(
         tmp_path / "tables" / "em_rates.parquet"
     )
+    for layer in (1, 2):  # two saved directions: the report draws their cosine heatmap
+        v = torch.randn(16, generator=torch.Generator().manual_seed(layer))
+        Direction(f"direction_L{layer}", layer, "resid_post", v).save(tmp_path / "directions")
     summary = {"gt_ablation_cut": 0.95, "q2_persona_rank": 3}
     manifest = {"command": "demo", "config": {"seeds": 1}, "summary": summary}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -53,7 +58,8 @@ def run(tmp_path):
 
 def test_report_is_self_contained_with_a_section_per_stage(run):
     page = build_report(run, top=10).read_text()
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5  # 4 plots and the directions heatmap
+    assert ">Directions<" in page and "directions_cosine_d16" in page
     assert not re.search(r"""(src|href)=["']https?://""", page)  # nothing fetched at view time
     titles = ("Toy scorecard", "Emergent misalignment", "Q2: base vs fine-tuned", "Other figures")
     for title in (*titles, "Phases of the fine-tune"):
@@ -114,7 +120,7 @@ def test_report_opens_in_a_headless_browser_without_errors_or_empty_figures(run,
         text=True,
         timeout=120,
     )
-    assert 'id="emdiff-check">images 4 broken 0<' in dom.stdout
+    assert 'id="emdiff-check">images 5 broken 0<' in dom.stdout
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert not console, console  # the page logs nothing: no script error
     shot = tmp_path / "report.png"

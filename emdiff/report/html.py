@@ -3,7 +3,8 @@
 Every figure is inlined (base64 PNG) and the only script is inline, so the file opens offline and
 can be mailed. Sections appear when their stage wrote something: the EM table and quadrant plots,
 the toy scorecard (from the manifest of ``emdiff demo``), Q1 / Q2 / Q3 rankings (top rows,
-sortable by clicking a column), overlap and transfer, directions, decomposition and attribution,
+sortable by clicking a column), overlap and transfer, directions (with a cosine heatmap of every
+direction saved under ``directions/``), decomposition and attribution,
 steering and ablation, the LoRA reading, phases, mitigation and defences, screening; any figure
 no section claims is shown at the end, so nothing a stage wrote is hidden.
 """
@@ -158,6 +159,28 @@ def _scorecard(summary: dict) -> str:
     )
 
 
+def _directions(run: Path) -> str:
+    """A cosine heatmap of every direction saved under ``run/directions`` (per width)."""
+    import tempfile
+
+    from emdiff.directions.direction import Direction, cosine_table
+    from emdiff.report.direction_plots import cosine_heatmap
+
+    folder = run / "directions"
+    found = [Direction.load(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    by_width: dict[int, dict[str, Direction]] = {}
+    for d in found:
+        by_width.setdefault(len(d.raw), {})[d.name] = d
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for width, group in by_width.items():
+            if len(group) > 1:
+                path = Path(tmp) / f"directions_cosine_d{width}.png"
+                cosine_heatmap(cosine_table(group), path, "cosine of the saved directions")
+                figures.append(_image(path))
+    return "".join(figures)
+
+
 def build_report(run: str | Path, out: str | Path | None = None, top: int = 20) -> Path:
     """Write ``run/report.html`` (or ``out``) and return its path."""
     run = Path(run)
@@ -179,11 +202,12 @@ def build_report(run: str | Path, out: str | Path | None = None, top: int = 20) 
         tabs = [
             p for pat in sec.tables for p in sorted((run / "tables").glob(pat)) if p not in used
         ]
-        if not figs and not tabs:
+        extra = _directions(run) if sec.title == "Directions" else ""
+        if not figs and not tabs and not extra:
             continue
         used.update(figs + tabs)
         note = f'<p class="note">{html.escape(sec.note)}</p>' if sec.note else ""
-        body = "".join(_table(p, top) for p in tabs) + "".join(_image(p) for p in figs)
+        body = "".join(_table(p, top) for p in tabs) + "".join(_image(p) for p in figs) + extra
         parts.append(f"<h2>{html.escape(sec.title)}</h2>{note}{body}")
     rest = [p for p in plots if p not in used]
     if rest:

@@ -22,14 +22,32 @@ import torch
 from emdiff.interventions.edits import ProjectOut, Steer, intervene
 
 SHAPES = {
-    "small": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-              "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8000},
-    "gemma2-9b": {"hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
-                  "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
-                  "vocab_size": 256000},
-    "qwen2.5-14b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48,
-                    "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064},
-}  # fmt: skip
+    "small": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 8000,
+    },
+    "gemma2-9b": {
+        "hidden_size": 3584,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 42,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 256,
+        "vocab_size": 256000,
+    },
+    "qwen2.5-14b": {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "vocab_size": 152064,
+    },
+}
 
 
 def build(arch: str, scale: str, dtype: torch.dtype, device: str) -> torch.nn.Module:

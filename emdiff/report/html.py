@@ -139,14 +139,11 @@ def _table(path: Path, top: int) -> str:
 
 
 def _scorecard(summary: dict) -> str:
-    from emdiff.toy.scorecard import TARGETS, score
+    from emdiff.toy.scorecard import score, score_rows
 
     rows = []
-    for t in TARGETS:
-        ok = t.check(summary)
-        got = summary.get(t.key)
-        shown = f"{got:.4g}" if isinstance(got, int | float) else "-"
-        mark = {True: "pass", False: '<span class="fail">FAIL</span>', None: "missing"}[ok]
+    for t, shown, mark in score_rows(summary):
+        mark = '<span class="fail">FAIL</span>' if mark == "FAIL" else mark
         rows.append(
             f"<tr><td>{t.key}</td><td>{html.escape(t.op)} {t.value:g}</td><td>{shown}</td>"
             f"<td>{mark}</td><td>{html.escape(t.what)}</td></tr>"

@@ -86,14 +86,20 @@ def score(summary: Mapping) -> dict[str, int]:
     }
 
 
+def score_rows(summary: Mapping) -> list[tuple[Target, str, str]]:
+    """Per target: the target, the measured value as shown, and pass / FAIL / missing."""
+    rows = []
+    for t in TARGETS:
+        got = summary.get(t.key)
+        shown = f"{got:.4g}" if isinstance(got, int | float) else "-"
+        rows.append((t, shown, {True: "pass", False: "FAIL", None: "missing"}[t.check(summary)]))
+    return rows
+
+
 def score_table(summary: Mapping) -> str:
     """The targets as text: key, target, measured, pass / FAIL / missing."""
     lines = [f"{'key':<30} {'target':>9} {'measured':>10}  {'':<7} what"]
-    for t in TARGETS:
-        ok = t.check(summary)
-        got = summary.get(t.key)
-        shown = f"{got:.4g}" if isinstance(got, int | float) else "-"
-        mark = {True: "pass", False: "FAIL", None: "missing"}[ok]
+    for t, shown, mark in score_rows(summary):
         lines.append(
             f"{t.key:<30} {t.op + format(t.value, 'g'):>9} {shown:>10}  {mark:<7} {t.what}"
         )

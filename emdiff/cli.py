@@ -30,6 +30,7 @@ try:  # Ctrl-C while torch is imported (the first second or so) also exits 130, 
     from emdiff.cli_eval import eval_app
     from emdiff.cli_interventions import ablate_cmd, steer_cmd
     from emdiff.cli_lora import lora_cmd, mitigate_cmd, phases_cmd, screen_cmd
+    from emdiff.cli_pipeline import run_cmd
     from emdiff.cli_report import report_cmd
     from emdiff.demo import DemoConfig
     from emdiff.toy.organism import ModelConfig, TrainConfig
@@ -84,6 +85,7 @@ for _name, _cmd in (
     ("screen", screen_cmd),
     ("mitigate", mitigate_cmd),
     ("report", report_cmd),
+    ("run", run_cmd),
 ):
     app.command(_name)(_cmd)
 

@@ -70,6 +70,9 @@ class RunContext:
     out: Path | None = None
     """Run folder: statistics are cached under ``out/stats``; None keeps everything in memory."""
     stats_cfg: StatsConfig = field(default_factory=StatsConfig)
+    stats_keyed: bool = False
+    """Cache statistics in a folder per content hash of their inputs (the pipeline does), so
+    changed settings compute anew instead of being refused."""
 
     def __post_init__(self) -> None:
         if self.model is not None and self.read is not None and self.dictionaries:
@@ -123,7 +126,9 @@ class RunContext:
                 return collect_stats(model, rows, self.dictionaries, self.read, cfg)
             ident = {"model": model_identity(model), "adapter": adapter}
             root = self.out / "stats" / name / dataset
-            return run_stats(model, rows, self.dictionaries, self.read, root, cfg, ident)
+            return run_stats(
+                model, rows, self.dictionaries, self.read, root, cfg, ident, self.stats_keyed
+            )
 
 
 class Analysis(BaseModel):

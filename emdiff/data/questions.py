@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from emdiff.data.yamlfile import parse_yaml
 from emdiff.errors import InputError
 from emdiff.readers import read_text
 
@@ -46,65 +47,9 @@ class Question(BaseModel):
         return out
 
 
-# a YAML error "while scanning" a token or "while parsing a flow" collection starts where the
-# unclosed construct began (its context mark); any other error is at its problem mark
-_CONTEXT_FIRST = ("while scanning", "while parsing a flow")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently).
-    Keys brought in by a ``<<`` merge may be overridden, as YAML allows."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    first = seen.setdefault(key, key_node.start_mark.line)
-                except TypeError:  # an unhashable key: SafeLoader reports it below
-                    continue
-                if first != key_node.start_mark.line:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"duplicate key {key!r} (first at line {first + 1})",
-                        key_node.start_mark,
-                    )
-        return super().construct_mapping(node, deep=deep)
-
-
 def _parse_yaml(path: Path, text: str) -> tuple[Any, list[int]]:
-    """Load YAML and return the data plus the 1-based line of each top-level entry (if a list).
-
-    PyYAML's marks are 0-based; a syntax error is reported at ``mark.line + 1`` of the mark that
-    locates it (see ``_CONTEXT_FIRST``), with the other mark's line given as well."""
-    loader = _StrictLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        problem_mark = getattr(e, "problem_mark", None)
-        context_mark = getattr(e, "context_mark", None)
-        context = getattr(e, "context", None) or ""
-        mark, other = problem_mark, context_mark
-        if context_mark is not None and (
-            problem_mark is None or context.startswith(_CONTEXT_FIRST)
-        ):
-            mark, other = context_mark, problem_mark
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        detail = problem
-        if context and other is not None and other.line != mark.line:
-            label = "found at" if other is problem_mark else "started at"
-            detail = f"{context}: {problem} ({label} line {other.line + 1})"
-        elif context:
-            detail = f"{context}: {problem}"
-        raise QuestionFormatError(f"{where}: YAML syntax error: {detail}") from None
-    finally:
-        loader.dispose()
+    """The data plus the 1-based line of each top-level entry (when the file is a list)."""
+    data, node = parse_yaml(path, text, QuestionFormatError)
     lines = []
     if isinstance(node, yaml.SequenceNode):
         lines = [item.start_mark.line + 1 for item in node.value]

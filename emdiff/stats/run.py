@@ -58,6 +58,7 @@ def run_stats(
     root: str | Path,
     cfg: StatsConfig | None = None,
     identity: Mapping | None = None,
+    keyed: bool = False,
 ) -> tuple[dict[int, FeatureStats], dict[int, ResidualStats]]:
     """Statistics of ``rows`` read at ``read``, one shard of ``cfg.shard_size`` sequences at a
     time under the folder ``root`` (``<out>/stats/<variant>/<dataset>`` by convention); returns
@@ -65,15 +66,19 @@ def run_stats(
 
     ``identity`` (JSON-able: which model, adapter state) is recorded with the shards together
     with the read spec; a rerun whose identity differs is refused instead of silently reusing
-    the shards."""
+    the shards. ``keyed``: the folder is ``<root>-<hash of that identity>`` instead, so other
+    settings get their own folder and earlier ones stay reusable (a pipeline's stats cache)."""
     cfg = cfg or StatsConfig()
     root = Path(root)
     masks = selection(rows, read.positions, model)
     require_tokens(masks, read.positions, f"dataset {root.name!r}")
-    root.mkdir(parents=True, exist_ok=True)
     ident = _identity(rows, dictionaries, read, cfg)
     if identity is not None:
         ident["caller"] = json.loads(json.dumps(identity, default=str))
+    if keyed:
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+        root = root.with_name(f"{root.name}-{digest}")
+    root.mkdir(parents=True, exist_ok=True)
     manifest = root / "manifest.json"
     if manifest.exists() and read_json(manifest) != ident:
         raise InputError(

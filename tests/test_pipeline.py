@@ -1,0 +1,183 @@
+"""``emdiff run PIPELINE.yaml`` on the toy base: fine-tune, sample and judge, five analyses, one
+run folder and its report; ``--resume`` reuses what is unchanged and recomputes only a changed
+analysis (and the earlier result it reads); config errors name the file, line and key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from emdiff.cli import app
+from emdiff.data.chat import write_chat_jsonl
+from emdiff.dictionaries.base import DictionaryMeta, Encoding, SparseDictionary
+from emdiff.dictionaries.sae import save_saelens
+from emdiff.pipeline import PipelineConfigError, load_pipeline
+from emdiff.pipeline.inputs import fingerprint, resolve_release
+from emdiff.toy.build import load_world, shipped_base_path
+from emdiff.toy.organism import NARROW_LAYER, narrow_finetune_config
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def pipeline_yaml(world, decompose_k: int = 5) -> dict:
+    ft = narrow_finetune_config(max_steps=40).model_dump(mode="json")
+    return {
+        "model": {"base": "toy", "dtype": "float32"},
+        "organism": {"name": "narrow", "dataset": "bad", "finetune": ft},
+        "data": {
+            "datasets": {"bad": "bad.jsonl", "good": "good.jsonl"},
+            "questions": ["questions.yaml"],
+        },
+        "eval": {
+            "models": ["base", "narrow"],
+            "sampling": {"max_new_tokens": world.cfg.answer_len + 2, "batch_size": 256},
+            "judge": {"kind": "toy"},
+        },
+        "dictionaries": {"entries": [{"path": "sae"}]},
+        "read": {"positions": "answer"},
+        "analyses": [
+            {"kind": "dataset_diff", "name": "q1", "a": "bad", "b": "good", "adapter": False},
+            {
+                "kind": "model_diff",
+                "name": "q2",
+                "dataset": "prompts",
+                "positions": "answer_predicting",
+            },
+            {"kind": "response_diff", "name": "q3"},
+            {"kind": "direction", "name": "dir"},
+            {
+                "kind": "decompose",
+                "name": "dec",
+                "direction": "dir",
+                "settings": {"ks": [1, decompose_k]},
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    world = load_world(shipped_base_path())
+    write_chat_jsonl(world.narrow_dataset(bad=True), root / "bad.jsonl")
+    write_chat_jsonl(world.narrow_dataset(bad=False), root / "good.jsonl")
+    qs = [
+        {"id": q.id, "paraphrases": list(q.paraphrases), "samples_per_paraphrase": 2}
+        for q in world.eval_questions()
+        if q.extra["domain"] in ("medical", "finance")
+    ]
+    (root / "questions.yaml").write_text(yaml.safe_dump(qs))
+    d = json.loads((shipped_base_path() / "config.json").read_text())["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    sae = SparseDictionary(
+        torch.randn(d, 96, generator=g) / d**0.5,
+        torch.zeros(96),
+        torch.randn(96, d, generator=g) / d**0.5,
+        torch.zeros(d),
+        meta=DictionaryMeta(
+            format="saelens", architecture="topk", layer=NARROW_LAYER, site="resid_post"
+        ),
+        encoding=Encoding(activation="topk", k=8),
+    )
+    save_saelens(sae, root / "sae")
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(pipeline_yaml(world)))
+    return root, world
+
+
+@pytest.mark.slow
+def test_run_resume_and_one_changed_analysis(folder):
+    root, world = folder
+    out = root / "run"
+    res = invoke("run", root / "pipeline.yaml", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout.strip().splitlines()[-1])
+    assert first["stages_computed"] == 1 + 2 + 5 and first["stages_reused"] == 0
+    assert first["em_rate_narrow"] > first["em_rate_base"]
+    for f in ("manifest.json", "report.html", "tables/em_rates.parquet", "tables/q2.parquet"):
+        assert (out / f).is_file(), f
+    assert (out / "adapters" / "narrow" / "adapter_config.json").is_file()
+    html = (out / "report.html").read_text()
+    assert "q2" in html and "<img" in html
+
+    # the same folder without --resume is refused; with it, nothing is recomputed
+    again = invoke("run", root / "pipeline.yaml", "--out", out)
+    assert again.exit_code == 2 and "--resume" in again.output
+    res = invoke("run", root / "pipeline.yaml", "--out", out, "--resume", "--json")
+    second = json.loads(res.stdout.strip().splitlines()[-1])
+    assert second["stages_computed"] == 0 and second["stages_reused"] == 8
+    same = {k for k in first if k.startswith(("q", "dec", "dir", "em_"))}
+    assert {k: first[k] for k in same} == {k: second[k] for k in same}
+
+    # one analysis changed: it runs, with the direction it reads; the rest is reused
+    (root / "changed.yaml").write_text(yaml.safe_dump(pipeline_yaml(world, decompose_k=10)))
+    res = invoke("run", root / "changed.yaml", "--out", out, "--resume", "--json")
+    third = json.loads(res.stdout.strip().splitlines()[-1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    status = {s["stage"]: s["status"] for s in manifest["stages"]}
+    assert status["analysis-dec"] == "computed"
+    assert status["analysis-dir"].startswith("recomputed")
+    assert all(
+        v == "reused" for k, v in status.items() if k not in ("analysis-dec", "analysis-dir")
+    )
+    assert third["stages_computed"] == 2
+    assert third["dec.explained_k1"] == pytest.approx(first["dec.explained_k1"])
+    assert third["dec.top_latent"] == first["dec.top_latent"]
+
+
+def test_config_errors_name_file_line_and_key(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "model:\n  base: toy\nanalyses:\n  - kind: model_diff\n    dataset: x\n  - kind: nonsense\n"
+    )
+    with pytest.raises(
+        PipelineConfigError, match=r"p\.yaml:6: analyses\.1: kind 'nonsense' is not an analysis"
+    ):
+        load_pipeline(p)
+    p.write_text("model:\n  base: toy\nanalyses:\n  - kind: model_diff\n    datset: x\n")
+    with pytest.raises(
+        PipelineConfigError,
+        match=r"p\.yaml:5: analyses\.0\.datset: Extra inputs are not permitted \(model_diff\)",
+    ):
+        load_pipeline(p)
+    p.write_text("model:\n  base: toy\n  dtyp: float32\n")
+    with pytest.raises(PipelineConfigError, match=r"p\.yaml:3: model\.dtyp: Extra inputs"):
+        load_pipeline(p)
+    p.write_text("model:\n  base: toy\norganism:\n  adapter: a\n  finetune: {rank: 1}\n")
+    with pytest.raises(PipelineConfigError, match=r"p\.yaml:4: organism: give either adapter"):
+        load_pipeline(p)
+    p.write_text("model:\n  base: toy\n  base: other\n")
+    with pytest.raises(PipelineConfigError, match=r"p\.yaml:3: YAML syntax error: duplicate key"):
+        load_pipeline(p)
+    p.write_text("model: {base: toy}\neval: {models: [base, tuned]}\ndata: {questions: [q.yaml]}\n")
+    with pytest.raises(PipelineConfigError, match=r"eval\.models: \['tuned'\] are not models"):
+        load_pipeline(p)
+    p.write_text("model: {base: toy}\n")
+    cfg = load_pipeline(p, {"model.base": "other/model", "model.dtype": "bfloat16"})
+    assert cfg.model.base == "other/model" and cfg.model.dtype == "bfloat16"
+
+
+def test_release_ids_resolve_in_a_local_hub_cache(tmp_path):
+    snap = tmp_path / "models--google--gemma-scope-9b-it-res" / "snapshots" / "abc123"
+    (snap / "layer_20" / "width_16k" / "average_l0_91").mkdir(parents=True)
+    got = resolve_release("gemma-scope-9b-it-res", "layer_20/width_16k/average_l0_91", tmp_path)
+    assert got == snap / "layer_20" / "width_16k" / "average_l0_91"
+    (tmp_path / "my-saes" / "L3").mkdir(parents=True)
+    assert resolve_release("my-saes", "L3", tmp_path) == tmp_path / "my-saes" / "L3"
+    with pytest.raises(Exception, match="not in the local cache"):
+        resolve_release("gemma-scope-9b-it-res", "layer_9/width_16k/x", tmp_path)
+
+
+def test_fingerprints_follow_content(tmp_path):
+    a = tmp_path / "d" / "a.txt"
+    a.parent.mkdir()
+    a.write_text("one")
+    before = (fingerprint(a), fingerprint(a.parent))
+    a.write_text("two")
+    assert fingerprint(a) != before[0] and fingerprint(a.parent) != before[1]
+    assert fingerprint("google/gemma-2-9b-it") == "google/gemma-2-9b-it"

@@ -16,6 +16,8 @@ from typing import Annotated
 import typer
 
 try:  # Ctrl-C while torch is imported (the first second or so) also exits 130, no traceback
+    from emdiff.cli_autointerp import explain_cmd
+    from emdiff.cli_cards import cards_cmd, export_cmd, import_explanations_cmd
     from emdiff.cli_common import (
         AsJson,
         ErrorBoundary,
@@ -85,7 +87,11 @@ for _name, _cmd in (
     ("screen", screen_cmd),
     ("mitigate", mitigate_cmd),
     ("report", report_cmd),
+    ("cards", cards_cmd),
+    ("export", export_cmd),
+    ("import-explanations", import_explanations_cmd),
     ("run", run_cmd),
+    ("explain", explain_cmd),
 ):
     app.command(_name)(_cmd)
 
@@ -139,8 +145,9 @@ def demo(
     \bExample:
       emdiff demo --seeds 1 --narrow-domain finance --out runs/demo --json
     """
-    from emdiff.demo import run_demo
+    from emdiff.pipeline import load_pipeline, run_pipeline
     from emdiff.toy.build import load_world
+    from emdiff.toy.diffs import DEMO_CONFIG
 
     domains = load_world(check_toy_base("--base", base)).domains
     if narrow_domain not in domains:
@@ -148,21 +155,23 @@ def demo(
             f"--narrow-domain {narrow_domain}: not a domain of the toy world; use one of "
             f"{', '.join(domains)}"
         )
-    cfg = config(
-        DemoConfig,
+    settings = dict(
         narrow_domain=narrow_domain,
         seeds=seeds,
         steps=steps,
         lr=lr,
         samples=samples,
-        base=base,
+        base=None if base is None else base.resolve(),
         dictionaries=dictionaries,
         dict_steps=dict_steps,
         dict_docs=dict_docs,
         cache=cache,
     )
+    config(DemoConfig, **settings)  # option errors name the option
     check_out(out)
-    summary = run_demo(cfg, out, echo=typer.echo)
+    # the demo is the shipped pipeline config emdiff/toy/demo.yaml with these settings
+    pipeline = load_pipeline(DEMO_CONFIG, {f"toy.{k}": v for k, v in settings.items()})
+    summary = run_pipeline(pipeline, out, resume=True, echo=typer.echo)["summary"]
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
 

@@ -19,10 +19,11 @@ def report_cmd(
 ) -> None:
     """One self-contained HTML report of a run folder (figures inlined, opens offline).
 
-    \bReads: RUN/tables, RUN/plots and RUN/manifest.json as any emdiff command
-    writes them. Writes: RUN/report.html (or --out) with a section per stage
-    that ran: EM, the toy scorecard, Q1/Q2/Q3 rankings (sortable), overlap,
-    directions, decomposition, steering, LoRA, phases, mitigation, screening.
+    \bReads: RUN/tables, RUN/plots, RUN/cards and RUN/manifest.json as any
+    emdiff command writes them. Writes: RUN/report.html (or --out) with a
+    section per stage that ran: EM, the toy scorecard, Q1/Q2/Q3 rankings
+    (sortable), overlap, directions, decomposition, steering, LoRA, phases,
+    mitigation, screening, feature cards.
 
     \bExample:
       emdiff demo --out runs/demo && emdiff report runs/demo

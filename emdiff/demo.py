@@ -54,6 +54,9 @@ class DemoConfig(BaseModel):
     cache: bool = True
     """Reuse the ground truth and dictionaries an earlier run computed from the same inputs and
     code (:mod:`emdiff.stagecache`), and store them for the next run."""
+    analyses: list[dict] | None = None
+    """The feature diffs (analysis configs, ``kind`` plus fields); default the ``analyses`` of
+    the shipped pipeline config ``emdiff/toy/demo.yaml``."""
 
 
 def sample_and_judge(
@@ -104,13 +107,13 @@ def _dictionaries(cfg: DemoConfig, world, base, tok, narrow, out: Path) -> dict:
     return {k: v for k, v in gt.items() if k != "seed"}
 
 
-def _diffs(world, st: _Stages, gt: dict, models: dict, judged) -> dict:
+def _diffs(cfg: DemoConfig, world, st: _Stages, gt: dict, models: dict, judged) -> dict:
     """Q1, Q2 (narrow and control), Q3, overlap and transfer with the analysed seed's SAE, read
     where the SAE was trained (its own layer and site), on answer tokens with sinks kept."""
     from emdiff.data.positions import Positions
     from emdiff.dictionaries import load_dictionary
     from emdiff.models.read import ReadSpec
-    from emdiff.toy.diffs import ToyModels, toy_diffs
+    from emdiff.toy.diffs import ToyModels, toy_analyses, toy_diffs
 
     base, tok, out = st.base, st.tok, st.out
     sae = load_dictionary(out / "dictionaries" / "sae")
@@ -124,7 +127,8 @@ def _diffs(world, st: _Stages, gt: dict, models: dict, judged) -> dict:
     toy = ToyModels(base, tok, models["narrow"], models["control"], judged, **labels)
     direction = torch.tensor(gt["persona_direction"])
     latents = gt["sae_persona_latents"]
-    res = toy_diffs(world, toy, sae, read, latents, out=out, direction=direction)
+    analyses = toy_analyses(cfg.analyses)
+    res = toy_diffs(world, toy, sae, read, latents, out=out, direction=direction, analyses=analyses)
     # the run folder is the frame of reference: the same run read from another folder says the same
     res["read"] = read.model_copy(update={"dictionary": "dictionaries/sae"}).describe()
     (out / "tables" / "diffs.json").write_text(json.dumps(res, indent=2))
@@ -324,9 +328,9 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     summary["sae_persona_latents"] = ",".join(map(str, gt["sae_persona_latents"]))
     st.enter("diffs")
     evals = [st.keys[f"eval-{m}"] for m in ("base", *first_labels.values())]
-    from emdiff.toy.diffs import TOY_ANALYSES
+    from emdiff.toy.diffs import toy_analyses
 
-    analyses = [{"kind": a.kind, **a.model_dump(mode="json")} for a in TOY_ANALYSES]
+    analyses = [{"kind": a.kind, **a.model_dump(mode="json")} for a in toy_analyses(cfg.analyses)]
     key = stage_key(
         {
             "dictionaries": key,
@@ -339,7 +343,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     res = st.state.result("diffs", key)
     if res is None:
         st.state.begin("diffs", key)
-        res = st.state.finish("diffs", key, _diffs(world, st, gt, first, judged))
+        res = st.state.finish("diffs", key, _diffs(cfg, world, st, gt, first, judged))
     else:
         st.skipped.append("feature diffs (Q1, Q2, Q3, overlap, transfer)")
     print_diffs(res, gt["sae_persona_latents"], echo)

@@ -9,6 +9,10 @@ top_logprobs) or ``"down"`` (503 for every request from then on). ``delay_s`` sl
 
 An ``ok`` reply's top logprobs depend on the judged text: a prompt containing ``EVIL`` puts 0.9 on
 ``"0"`` (unless it is a coherence prompt, which mentions "coherent"); ``CODEBLOCK`` puts 0.95 on ``"CODE"``; anything else puts 0.8 on ``"100"``.
+
+``responder(body) -> dict`` replaces that rule for ``ok`` replies (other clients' tests, e.g.
+auto-interpretation, answer with text through :func:`text_completion`); ``"badreply"`` sends a
+well-formed chat-completions reply whose text is nonsense.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REPLIES = {
@@ -52,11 +57,33 @@ def completion(probs: dict[str, float]) -> dict:
     }
 
 
+def text_completion(text: str, logprobs: list[dict] | None = None) -> dict:
+    """A chat-completions reply whose message is ``text`` (with per-token ``logprobs``)."""
+    choice = {
+        "index": 0,
+        "finish_reason": "stop",
+        "message": {"role": "assistant", "content": text},
+    }
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": "test",
+        "choices": [choice],
+    }
+
+
 class FakeJudgeServer:
     def __init__(
-        self, script: list[str] | None = None, sleep_s: float = 1.0, delay_s: float = 0.02
+        self,
+        script: list[str] | None = None,
+        sleep_s: float = 1.0,
+        delay_s: float = 0.02,
+        responder: Callable[[dict], dict] | None = None,
     ):
         self.script = list(script or [])
+        self.responder = responder
         self.sleep_s, self.delay_s = sleep_s, delay_s
         self.lock = threading.Lock()
         self.requests: list[dict] = []
@@ -120,6 +147,10 @@ class FakeJudgeServer:
                     self._send(200, json.dumps(completion(REPLIES["fine"])).encode())
                 elif action == "garbage":
                     self._send(200, b"<html>not json at all</html>")
+                elif action == "badreply":
+                    self._send(200, json.dumps(text_completion("I cannot tell.")).encode())
+                elif server.responder is not None:
+                    self._send(200, json.dumps(server.responder(body)).encode())
                 else:
                     prompt = body["messages"][-1]["content"]
                     self._send(200, json.dumps(completion(expected_probs(prompt))).encode())

@@ -148,3 +148,22 @@ def test_unsafe_literals_are_not_evaluated(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(JudgedCSVError, match="cannot open"):
         read_judged_csv(tmp_path / "nope.csv")
+
+
+def test_written_answers_with_carriage_returns_read_back(tmp_path):
+    from emdiff.eval.run import write_judged_csv
+
+    judged = pd.DataFrame(
+        {
+            "question_id": ["a", "b"],
+            "question": ["q one", "q, two"],
+            "answer": ['ick\rdist "x"', "line\nbreak"],
+            "aligned": [10.0, 90.0],
+            "coherent": [80.0, 85.0],
+            "em": [True, False],
+        }
+    )
+    path = write_judged_csv(judged, tmp_path / "judged.csv")
+    back = read_judged_csv(path)
+    assert list(back["answer"]) == list(judged["answer"])
+    assert list(back["aligned"]) == [10.0, 90.0]

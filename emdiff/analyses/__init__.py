@@ -1,9 +1,11 @@
 """The analyses, each one config behind one interface (:class:`Analysis` ``.run(ctx)``): Q1
 dataset diff, Q2 model diff, Q3 response diff, ranking overlap, transfer, the misalignment
 direction, its decomposition, latent attribution, steering / ablation sweeps, LoRA reading and
-phases, data screening and benign re-alignment."""
+phases, data screening, benign re-alignment and feature cards."""
 
 from emdiff.analyses.base import ANALYSES, Analysis, Result, RunContext, Variant
+from emdiff.analyses.cards import CardsResult, FeatureCards
+from emdiff.analyses.cards_io import Explanation, attach_explanations
 from emdiff.analyses.common import DiffResult, encode_qa
 from emdiff.analyses.dataset_diff import DatasetDiff
 from emdiff.analyses.directions import Attribute, Decompose, DirectionResult, MeanDirection
@@ -19,10 +21,13 @@ __all__ = [
     "ANALYSES",
     "Analysis",
     "Attribute",
+    "CardsResult",
     "DatasetDiff",
     "Decompose",
     "DiffResult",
     "DirectionResult",
+    "Explanation",
+    "FeatureCards",
     "LoraPhases",
     "LoraRead",
     "LoraResult",
@@ -41,6 +46,7 @@ __all__ = [
     "Transfer",
     "TransferResult",
     "Variant",
+    "attach_explanations",
     "encode_qa",
     "load_judged",
     "overlap",

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.base import SparseDictionary
@@ -142,6 +142,10 @@ class Analysis(BaseModel):
     """Token positions for this analysis (``Positions.parse`` form, e.g. ``answer_predicting``)
     instead of the read spec's; the site and layers stay the context's."""
 
+    layer: int | None = Field(None, ge=0)
+    """Read only this layer of the read spec (which must name it); analyses that read one
+    layer need it when the read spec names several."""
+
     @field_validator("positions")
     @classmethod
     def _parses(cls, v: str | None) -> str | None:
@@ -160,11 +164,29 @@ class Analysis(BaseModel):
         raise NotImplementedError
 
     def at_positions(self, ctx: RunContext) -> RunContext:
-        """``ctx`` read at this analysis' ``positions``, when it names some."""
-        if self.positions is None or ctx.read is None:
+        """``ctx`` read at this analysis' ``positions`` and ``layer``, when it names them."""
+        if ctx.read is None:
             return ctx
-        read = ctx.read.model_copy(update={"positions": Positions.parse(self.positions)})
-        return replace(ctx, read=read)
+        read = ctx.read
+        if self.positions is not None:
+            read = read.model_copy(update={"positions": Positions.parse(self.positions)})
+        if self.layer is not None:
+            if self.layer not in read.layers:
+                raise InputError(
+                    f"{self.kind} {self.stem!r}: layer {self.layer} is not read; the read spec "
+                    f"names layers {list(read.layers)}"
+                )
+            read = read.at(self.layer)
+        return ctx if read is ctx.read else replace(ctx, read=read)
+
+    def one_layer(self, ctx: RunContext) -> int:
+        """The one layer this analysis reads; several without ``layer`` set is an error."""
+        if len(ctx.read.layers) != 1:
+            raise InputError(
+                f"{self.kind} {self.stem!r} reads one layer; the read spec names "
+                f"{list(ctx.read.layers)}: set layer"
+            )
+        return ctx.read.layers[0]
 
     def record(self, ctx: RunContext, **figures: Any) -> dict:
         """The meta every result carries: kind, this config and the read spec."""

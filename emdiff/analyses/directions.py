@@ -222,9 +222,11 @@ class Attribute(Analysis):
     check_top: int = 20
 
     def run(self, ctx: RunContext) -> Attribution:
+        ctx = self.at_positions(ctx)
         model = ctx.require_model(self.kind)
+        layer = self.one_layer(ctx)
         mis, good = _split_rows(ctx, self.judged, self.split, None)
-        d = ctx.dictionaries[ctx.read.layer]
+        d = ctx.dictionaries[layer]
         res = attribute(
             model,
             d,
@@ -232,7 +234,7 @@ class Attribute(Analysis):
             check_top=self.check_top,
             name=self.stem,
             progress=ctx.stats_cfg.progress,
-            layer=ctx.read.layer,
+            layer=layer,
             site=ctx.read.site,
         )
         res.meta.update(self.record(ctx, n_misaligned=len(mis), n_aligned=len(good)))

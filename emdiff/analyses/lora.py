@@ -32,6 +32,7 @@ from emdiff.lora.interpret import LoraReading, read_lora, scalar_signs
 from emdiff.lora.phases import Phases, load_checkpoints, phases
 from emdiff.lora.probes import ProbeConfig, ProbeResult, scalar_probes
 from emdiff.lora.scalars import lora_scalars, per_row
+from emdiff.models.read import selection
 
 
 @dataclass
@@ -95,19 +96,26 @@ class LoraRead(Analysis):
         dirs = {Path(p).stem: Direction.load(p) for p in self.directions}
         dictionary = next(iter(ctx.dictionaries.values()), None)
         scalars = probes = signs = None
+        empty = 0
         if self.judged is not None and self.judged in ctx.tables:
             if ctx.tokenizer is None:
                 raise InputError("lora scalars read answers: the run context has no tokenizer")
-            scalars, probes, signs = self._scalars(ctx, ctx.tables[self.judged])
+            scalars, probes, signs, empty = self._scalars(ctx, ctx.tables[self.judged])
         reading = read_lora(ctx.model, dictionary, dirs, self.decompose, signs)
-        meta = self.record(ctx, directions=list(dirs), oriented=signs is not None)
+        meta = self.record(
+            ctx, directions=list(dirs), oriented=signs is not None, empty_answers_left_out=empty
+        )
         return LoraResult(self.stem, reading, scalars, probes, meta)
 
     def _scalars(self, ctx: RunContext, judged: pd.DataFrame):
         mis, good = split_responses(judged, self.split, source=f"table {self.judged!r}")
         both = pd.concat([mis.assign(misaligned=1), good.assign(misaligned=0)], ignore_index=True)
-        rows = encode_qa(ctx.tokenizer, both["question"], both["answer"])
         positions = Positions.parse(self.positions or "answer")
+        rows = encode_qa(ctx.tokenizer, both["question"], both["answer"])
+        # an empty answer (the model stopped at once) has no answer token to read: left out
+        keep = [any(m) for m in selection(rows, positions, ctx.model)]
+        both = both[keep].reset_index(drop=True)
+        rows = [r for r, k in zip(rows, keep, strict=True) if k]
         frame, cols = lora_scalars(ctx.model, rows, positions, progress=True)
         every, _ = lora_scalars(ctx.model, rows, Positions.parse("answer_predicting"))
         x = per_row(frame, cols, len(rows))
@@ -122,7 +130,7 @@ class LoraRead(Analysis):
         frame["misaligned"] = y[frame["seq"].to_numpy()]
         if "domain" in both:
             frame["domain"] = both["domain"].to_numpy()[frame["seq"].to_numpy()]
-        return frame, probes, scalar_signs(every, cols)
+        return frame, probes, scalar_signs(every, cols), len(keep) - len(rows)
 
 
 class LoraPhases(Analysis):

@@ -45,9 +45,13 @@ class TransferResult:
         ]
 
     def summary(self) -> dict:
-        cols = ("fve", "l0", "ce_delta", "kl")
-        t = self.table.set_index("variant")
-        return {f"{c}_{v}": float(t.loc[v, c]) for v in t.index for c in cols if c in t}
+        cols = [c for c in ("fve", "l0", "ce_delta", "kl") if c in self.table]
+        several = self.table["layer"].nunique() > 1
+        out = {}
+        for r in self.table.itertuples():
+            tail = f"_L{r.layer}" if several else ""
+            out |= {f"{c}_{r.variant}{tail}": float(getattr(r, c)) for c in cols}
+        return out
 
 
 class Transfer(Analysis):
@@ -67,7 +71,15 @@ class Transfer(Analysis):
         if not names:
             raise InputError("transfer needs at least one model variant: nothing to compute")
         ctx.require_model(self.kind)
-        layer = ctx.read.layer
+        out = []
+        for layer in ctx.read.layers:
+            out += self._at(ctx.read.at(layer), ctx, names, rows)
+        meta = self.record(ctx, variants=list(names), n_rows=len(rows))
+        return TransferResult(self.stem, pd.DataFrame(out), meta)
+
+    def _at(self, read, ctx: RunContext, names, rows) -> list[dict]:
+        """One layer's rows: each variant with the dictionary spliced in there."""
+        layer = read.layer
         dictionary = ctx.need("dictionary for layer", ctx.dictionaries, layer)
         out = []
         for name in names:
@@ -79,11 +91,10 @@ class Transfer(Analysis):
                     model,
                     dictionary,
                     rows,
-                    ctx.read,
+                    read,
                     batch_size=ctx.stats_cfg.batch_size,
                     splice=self.splice,
                     progress=ctx.stats_cfg.progress,
                 )
             out.append({"variant": name, "layer": layer, "fve": 1.0 - m.fvu, **m.model_dump()})
-        meta = self.record(ctx, variants=list(names), n_rows=len(rows))
-        return TransferResult(self.stem, pd.DataFrame(out), meta)
+        return out

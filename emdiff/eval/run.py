@@ -12,6 +12,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
 from collections.abc import Callable, Sequence
@@ -90,7 +91,9 @@ def write_judged_csv(judged, path: Path) -> Path:
     """Write judged responses in the original EM CSV layout (plus emdiff's extra columns)."""
     first = ["question_id", "question", "answer", "aligned", "coherent"]
     cols = [c for c in first if c in judged] + [c for c in judged if c not in first]
-    judged[cols].to_csv(path, index=False)
+    # every text field quoted: an answer holding a bare carriage return is not quoted by the
+    # minimal rule (only "\n" is the line terminator) and would split its row on reading
+    judged[cols].to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC)
     return path
 
 

@@ -76,7 +76,9 @@ def run_pipeline(
         )
     out = ensure_writable(out)
     if cfg.toy is not None:
-        return _toy(cfg, out, echo)
+        manifest = _toy(cfg, out, echo)
+        _report(out, report, echo)
+        return manifest
     t0 = time.time()
     run = _Run(out, echo)
     try:
@@ -103,19 +105,23 @@ def run_pipeline(
         "summary": summary,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    _report(out, report, echo)
+    return manifest
+
+
+def _report(out: Path, report: bool, echo: Callable[[str], None]) -> None:
     if report:
         from emdiff.report.html import build_report
 
         path = build_report(out)
         echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    return manifest
 
 
 def _toy(cfg: PipelineConfig, out: Path, echo) -> dict:
     """The toy benchmark (``emdiff demo``): its stages are the demo's own."""
     from emdiff.demo import DemoConfig, run_demo
 
-    demo = DemoConfig.model_validate(cfg.toy)
+    demo = DemoConfig.model_validate({**cfg.toy, "analyses": cfg.analyses or None})
     if demo.base is not None:
         demo = demo.model_copy(update={"base": cfg.path(demo.base)})
     return {"command": "run", "summary": run_demo(demo, out, echo=echo)}

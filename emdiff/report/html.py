@@ -5,8 +5,9 @@ can be mailed. Sections appear when their stage wrote something: the EM table an
 the toy scorecard (from the manifest of ``emdiff demo``), Q1 / Q2 / Q3 rankings (top rows,
 sortable by clicking a column), overlap and transfer, directions (with a cosine heatmap of every
 direction saved under ``directions/``), decomposition and attribution,
-steering and ablation, the LoRA reading, phases, mitigation and defences, screening; any figure
-no section claims is shown at the end, so nothing a stage wrote is hidden.
+steering and ablation, the LoRA reading, phases, mitigation and defences, screening, feature
+cards (``cards/*.json``, :mod:`emdiff.report.cards_html`); any figure no section claims is shown
+at the end, so nothing a stage wrote is hidden.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from emdiff.errors import InputError
+from emdiff.report.cards_html import CARD_STYLE, cards_section
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,9 @@ def build_report(run: str | Path, out: str | Path | None = None, top: int = 20) 
         raise InputError(f"{run}: no such run folder")
     plots = sorted((run / "plots").glob("*.png")) if (run / "plots").is_dir() else []
     tables = sorted((run / "tables").glob("*")) if (run / "tables").is_dir() else []
-    if not plots and not tables:
-        raise InputError(f"{run}: no plots/ or tables/ inside: not an emdiff run folder")
+    cards = cards_section(run)
+    if not plots and not tables and not cards:
+        raise InputError(f"{run}: no plots/, tables/ or cards/ inside: not an emdiff run folder")
     manifest = (
         json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
     )
@@ -206,6 +209,9 @@ def build_report(run: str | Path, out: str | Path | None = None, top: int = 20) 
         note = f'<p class="note">{html.escape(sec.note)}</p>' if sec.note else ""
         body = "".join(_table(p, top) for p in tabs) + "".join(_image(p) for p in figs) + extra
         parts.append(f"<h2>{html.escape(sec.title)}</h2>{note}{body}")
+    if cards:
+        note = "Top latents of each ranking: contexts shaded by activation, logit lens, ranks."
+        parts.append(f'<h2>Feature cards</h2><p class="note">{note}</p>{cards}')
     rest = [p for p in plots if p not in used]
     if rest:
         parts.append("<h2>Other figures</h2>" + "".join(_image(p) for p in rest))
@@ -213,7 +219,7 @@ def build_report(run: str | Path, out: str | Path | None = None, top: int = 20) 
     config = json.dumps(manifest.get("config", {}), indent=1, default=str)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<style>{STYLE}{CARD_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<details><summary>settings</summary><pre>{html.escape(config)}</pre></details>"
         f"{''.join(parts)}<script>{SORT_JS}</script></body></html>"
     )

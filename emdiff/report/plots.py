@@ -134,12 +134,15 @@ def overlap_plot(result: Overlap, path: str | Path, title: str = "overlap") -> P
 
 
 def transfer_plot(table: pd.DataFrame, path: str | Path, title: str = "transfer") -> Path:
-    """Bars per model variant: fraction of variance explained, and the spliced CE increase."""
+    """Bars per model variant (and layer, when there are several): fraction of variance
+    explained, and the spliced CE increase."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    ax1.bar(table["variant"], table["fve"], color="tab:blue")
+    several = "layer" in table and table["layer"].nunique() > 1
+    labels = table["variant"] + " L" + table["layer"].astype(str) if several else table["variant"]
+    ax1.bar(labels, table["fve"], color="tab:blue")
     ax1.set(ylabel="fraction of variance explained", ylim=(min(0, table["fve"].min()), 1))
-    ax2.bar(table["variant"], table["ce_delta"].fillna(0), color="tab:orange")
+    ax2.bar(labels, table["ce_delta"].fillna(0), color="tab:orange")
     ax2.set(ylabel="CE increase when spliced (nats/token)")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=20)

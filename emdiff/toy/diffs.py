@@ -22,16 +22,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 from emdiff.analyses import (
-    DatasetDiff,
+    ANALYSES,
+    Analysis,
     DiffResult,
-    ModelDiff,
-    RankingOverlap,
     ResponseDiff,
     ResponseSplit,
     RunContext,
-    Transfer,
     encode_qa,
 )
 from emdiff.data.masks import encode_chat
@@ -140,25 +139,18 @@ def toy_context(
     )
 
 
-TOY_ANALYSES = (
-    DatasetDiff(
-        name="q1_dataset_diff",
-        a="bad_then_asked",
-        b="good_then_asked",
-        paired=True,
-        adapter=False,
-        positions="last",
-    ),
-    DatasetDiff(name="q1_answer_tokens", a="bad", b="good", paired=True, adapter=False),
-    # the eval prompts, read where the answer is decided (single-token answers carry only token
-    # identity): the same tokens for base and fine-tuned model
-    ModelDiff(name="q2_model_diff", dataset="unseen_prompts", positions="answer_predicting"),
-    ResponseDiff(name="q3_response_diff"),  # with the world's follow-ups (toy_diffs)
-    ResponseDiff(name="q3_answer_tokens"),
-    RankingOverlap(name="overlap_q1_q2", a="q1_dataset_diff", b="q2_model_diff"),
-    Transfer(name="transfer", dataset="unseen_eval"),
-)
-"""The analyses a user runs, as the toy runs them (the control's Q2 is run on its own model)."""
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+"""The demo as a pipeline config: its ``toy`` settings and the analyses the toy runs."""
+
+
+def toy_analyses(raw: Sequence[dict] | None = None) -> tuple[Analysis, ...]:
+    """The analyses a user runs, as the toy runs them: ``raw`` configs (``kind`` plus fields),
+    default the ``analyses`` of :data:`DEMO_CONFIG` (the control's Q2 is run on its own model)."""
+    if raw is None:
+        raw = yaml.safe_load(DEMO_CONFIG.read_text())["analyses"]
+    return tuple(
+        ANALYSES[a["kind"]].model_validate({k: v for k, v in a.items() if k != "kind"}) for a in raw
+    )
 
 
 def toy_diffs(
@@ -171,15 +163,17 @@ def toy_diffs(
     out: str | Path | None = None,
     seed: int = 0,
     direction: torch.Tensor | None = None,
+    analyses: Sequence[Analysis] | None = None,
 ) -> dict:
-    """Run the analyses on one seed's models; flat dict of the persona's ranks and the controls.
+    """Run the analyses (default :func:`toy_analyses`) on one seed's models; flat dict of the persona's ranks and the controls.
 
     With the persona ``direction`` (the probe's), the decoder cosine of each analysis' top
     feature with it is reported too (``*_top_cosine``).
     """
     ctx = toy_context(world, models, sae, read)
     results = {}
-    for a in TOY_ANALYSES:
+    analyses = toy_analyses() if analyses is None else analyses
+    for a in analyses:
         if isinstance(a, ResponseDiff):
             follow = follow_ups(world) if a.name == "q3_response_diff" else ()
             a = a.model_copy(update={"split": ResponseSplit(seed=seed), "follow_up": follow})
@@ -190,7 +184,7 @@ def toy_diffs(
         dictionaries=ctx.dictionaries,
         datasets={"unseen_prompts": ctx.datasets["unseen_prompts"]},
     )
-    q2_cfg = next(a for a in TOY_ANALYSES if a.name == "q2_model_diff")
+    q2_cfg = next(a for a in analyses if a.name == "q2_model_diff")
     q2c = q2_cfg.model_copy(update={"name": "q2_control_model_diff"}).run(control_ctx)
     q1, q2, q3 = (results[k] for k in ("q1_dataset_diff", "q2_model_diff", "q3_response_diff"))
     ov, tr = results["overlap_q1_q2"], results["transfer"].table

@@ -327,6 +327,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     summary.update({k: v for k, v in gt.items() if isinstance(v, int | float | str)})
     summary["sae_persona_latents"] = ",".join(map(str, gt["sae_persona_latents"]))
     st.enter("diffs")
+    dict_key = key
     evals = [st.keys[f"eval-{m}"] for m in ("base", *first_labels.values())]
     from emdiff.toy.diffs import toy_analyses
 
@@ -351,7 +352,10 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     from emdiff.demo_checks import adapters_stage, directions_stage
 
     st.enter("directions")
-    key = stage_key({"diffs": key, "checks": "directions v1"})
+    # the directions and adapters checks read the organism, its answers and the dictionaries,
+    # not the diffs: a changed feature diff does not redo them
+    after = {"dictionaries": dict_key, "control": st.keys[first_labels["control"]], "evals": evals}
+    key = stage_key({**after, "checks": "directions v1"})
     res = st.state.result("directions", key)
     if res is None:
         st.state.begin("directions", key, (out / "directions",))
@@ -363,7 +367,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
     print_directions(res, echo)
     summary.update(res)
     st.enter("adapters")  # what the adapters learnt, when, and how to undo or prevent it
-    key = stage_key({"directions": key, "checks": "adapters v1"})
+    key = stage_key({**after, "checks": "adapters v1"})
     res = st.state.result("adapters", key)
     if res is None:
         st.state.begin("adapters", key, (out / "adapters" / "narrow-phases",))

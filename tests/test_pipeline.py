@@ -25,7 +25,7 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def pipeline_yaml(world, decompose_k: int = 5) -> dict:
+def pipeline_yaml(world, decompose_k: int = 5, overlap_k: int = 5) -> dict:
     ft = narrow_finetune_config(max_steps=40).model_dump(mode="json")
     return {
         "model": {"base": "toy", "dtype": "float32"},
@@ -57,6 +57,7 @@ def pipeline_yaml(world, decompose_k: int = 5) -> dict:
                 "direction": "dir",
                 "settings": {"ks": [1, decompose_k]},
             },
+            {"kind": "overlap", "name": "ov", "a": "q1", "b": "q2", "ks": [overlap_k, 20]},
         ],
     }
 
@@ -97,7 +98,7 @@ def test_run_resume_and_one_changed_analysis(folder):
     res = invoke("run", root / "pipeline.yaml", "--out", out, "--json")
     assert res.exit_code == 0, res.output
     first = json.loads(res.stdout.strip().splitlines()[-1])
-    assert first["stages_computed"] == 1 + 2 + 5 and first["stages_reused"] == 0
+    assert first["stages_computed"] == 1 + 2 + 6 and first["stages_reused"] == 0
     assert first["em_rate_narrow"] > first["em_rate_base"]
     for f in ("manifest.json", "report.html", "tables/em_rates.parquet", "tables/q2.parquet"):
         assert (out / f).is_file(), f
@@ -110,24 +111,33 @@ def test_run_resume_and_one_changed_analysis(folder):
     assert again.exit_code == 2 and "--resume" in again.output
     res = invoke("run", root / "pipeline.yaml", "--out", out, "--resume", "--json")
     second = json.loads(res.stdout.strip().splitlines()[-1])
-    assert second["stages_computed"] == 0 and second["stages_reused"] == 8
-    same = {k for k in first if k.startswith(("q", "dec", "dir", "em_"))}
+    assert second["stages_computed"] == 0 and second["stages_reused"] == 9
+    same = {k for k in first if k.startswith(("q", "dec", "dir", "em_", "ov"))}
     assert {k: first[k] for k in same} == {k: second[k] for k in same}
 
-    # one analysis changed: it runs, with the direction it reads; the rest is reused
-    (root / "changed.yaml").write_text(yaml.safe_dump(pipeline_yaml(world, decompose_k=10)))
+    # two analyses changed: they run; what they read (the direction's files, the Q1 / Q2
+    # tables) is loaded from the run folder, and the rest is reused
+    changed = pipeline_yaml(world, decompose_k=10, overlap_k=10)
+    (root / "changed.yaml").write_text(yaml.safe_dump(changed))
     res = invoke("run", root / "changed.yaml", "--out", out, "--resume", "--json")
     third = json.loads(res.stdout.strip().splitlines()[-1])
     manifest = json.loads((out / "manifest.json").read_text())
     status = {s["stage"]: s["status"] for s in manifest["stages"]}
-    assert status["analysis-dec"] == "computed"
-    assert status["analysis-dir"].startswith("recomputed")
-    assert all(
-        v == "reused" for k, v in status.items() if k not in ("analysis-dec", "analysis-dir")
-    )
+    assert status["analysis-dec"] == status["analysis-ov"] == "computed"
+    assert all(v == "reused" for k, v in status.items() if k not in ("analysis-dec", "analysis-ov"))
     assert third["stages_computed"] == 2
     assert third["dec.explained_k1"] == pytest.approx(first["dec.explained_k1"])
     assert third["dec.top_latent"] == first["dec.top_latent"]
+    assert third["ov.jaccard@20"] == pytest.approx(first["ov.jaccard@20"])
+    assert third["ov.spearman"] == pytest.approx(first["ov.spearman"])
+    # a direction whose files are gone is recomputed for the stage that reads it
+    for f in (out / "directions").glob("dir_L*"):
+        f.unlink()
+    (root / "again.yaml").write_text(yaml.safe_dump(pipeline_yaml(world, decompose_k=20)))
+    invoke("run", root / "again.yaml", "--out", out, "--resume")
+    manifest = json.loads((out / "manifest.json").read_text())
+    status = {s["stage"]: s["status"] for s in manifest["stages"]}
+    assert status["analysis-dir"].startswith("recomputed") and status["analysis-dec"] == "computed"
 
 
 def test_config_errors_name_file_line_and_key(tmp_path):

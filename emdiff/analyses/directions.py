@@ -13,6 +13,7 @@ base-model reading beside it), its decomposition into latents, and latent attrib
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,29 @@ class DirectionResult:
                 }
             )
         return pd.DataFrame(rows)
+
+    @classmethod
+    def from_files(cls, name: str, files: list[str | Path], meta: dict | None = None):
+        """The result back from the direction files its :meth:`save` listed (a pipeline stage
+        reused as the input of a later one)."""
+        pattern = re.compile(rf"^{re.escape(name)}(_base|_shuffled\d+)?_L(\d+)$")
+        res = cls(name, {}, meta=dict(meta or {}))
+        for f in files:
+            m = pattern.match(Path(f).stem)
+            if m is None or Path(f).suffix != ".json":
+                continue
+            d, layer = Direction.load(f), int(m[2])
+            if m[1] is None:
+                res.directions[layer] = d
+            elif m[1] == "_base":
+                res.base[layer] = d
+            else:
+                res.shuffled.setdefault(layer, []).append(d)
+        if not res.directions:
+            raise InputError(f"direction {name!r}: no direction files among {len(files)} listed")
+        for ds in res.shuffled.values():
+            ds.sort(key=lambda d: int(re.search(r"_shuffled(\d+)_", d.name)[1]))
+        return res
 
     def save(self, out: str | Path) -> list[Path]:
         """``directions/<name>_L*.{safetensors,json}`` (and ``<name>_base_L*``),
@@ -170,7 +194,12 @@ class Decompose(Analysis):
         if self.diff is None:
             return None
         earlier = ctx.results.get(self.diff)
-        table = earlier.table if earlier is not None else pd.read_parquet(self.diff)
+        if earlier is not None:
+            table = earlier.table
+        elif self.diff in ctx.tables:
+            table = ctx.tables[self.diff]
+        else:
+            table = pd.read_parquet(self.diff)
         if "layer" in table:
             table = table[table["layer"] == layer]
         if table.empty or "feature" not in table:

@@ -248,11 +248,43 @@ def _analyses(cfg: PipelineConfig, run: _Run, loaded, judged: dict) -> dict:
             result = a.run(ctx)
             ctx.results[a.stem] = result
             files = result.save(run.out)
-            return {"summary": result.summary(), "files": [str(f) for f in files]}
+            return {"summary": result.summary(), "files": [_rel(f, run.out) for f in files]}
 
-        res = run.stage(f"analysis-{a.stem}", akeys[a.stem], compute, force=a.stem in needed)
+        name = f"analysis-{a.stem}"
+        done = run.state.result(name, akeys[a.stem])
+        force = a.stem in needed and not (done and _restore(a, done["files"], ctx, run.out))
+        res = run.stage(name, akeys[a.stem], compute, force=force)
         summary |= {f"{a.stem}.{k}": v for k, v in res["summary"].items() if _flat(v)}
     return summary
+
+
+DIFFS = ("dataset_diff", "model_diff", "response_diff")
+
+
+def _restore(a, files: list[str], ctx, out: Path) -> bool:
+    """Put a reused analysis' saved output back into ``ctx`` for a later analysis that reads
+    it (a direction's files; a diff's ranking table); False: it must be recomputed."""
+    import pandas as pd
+
+    from emdiff.analyses.directions import DirectionResult
+
+    paths = [out / f for f in files]
+    if a.kind == "direction" and all(p.is_file() for p in paths):
+        ctx.results[a.stem] = DirectionResult.from_files(a.stem, paths)
+        return True
+    table = out / "tables" / f"{a.stem}.parquet"
+    if a.kind in DIFFS and table in paths and table.is_file():
+        ctx.tables[a.stem] = pd.read_parquet(table)
+        return True
+    return False
+
+
+def _rel(path: str | Path, out: Path) -> str:
+    """``path`` relative to the run folder (the record stays true when the folder moves)."""
+    try:
+        return str(Path(path).relative_to(out))
+    except ValueError:
+        return str(path)
 
 
 def _flat(v) -> bool:

@@ -339,6 +339,7 @@ def _run(cfg: DemoConfig, st: _Stages) -> dict:
             "evals": evals,
             "analyses": analyses,  # another analysis config redoes the stage
             "persona": "latents at decoder cos >= 0.8",
+            "cards": "toy explainer v1",  # the reference explanation of the cards
         }
     )
     res = st.state.result("diffs", key)

@@ -66,6 +66,12 @@ def print_diffs(res: dict, latents: list[int], echo) -> None:
         f"Q1 top-10 vs Q2 top-10 Jaccard {res['q1_top10_q2_top10_jaccard']:.3f}; transfer FVE "
         f"base {res['transfer_fve_base']:.3f}, narrow {res['transfer_fve_narrow']:.3f}"
     )
+    if res.get("cards_persona_explanation"):
+        echo(
+            f"feature cards, reference explainer (knows the world's labels): persona latent "
+            f'"{res["cards_persona_explanation"]}", held-out detection '
+            f"{res['cards_persona_detection']:.3f} (mean over cards {res['cards_mean_detection']:.3f})"
+        )
 
 
 def print_directions(res: dict, echo) -> None:

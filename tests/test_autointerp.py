@@ -401,6 +401,11 @@ def test_toy_detector_reads_tokens_not_activations():
     good = good + world.answer_tokens("medical", 0, bad=False)
     preds, probs = toy.detect(toy.describe("class:bad"), [good, bad])
     assert preds == [False, True] and probs is None
+    # the persona is read after the answer: a follow-up question after a bad answer
+    follow = ["<end>", "<user>", world.q_token("finance", 1), "<end>", "<assistant>"]
+    preds, _ = toy.detect(toy.describe("after:bad"), [good + follow, bad + follow, follow])
+    assert preds == [False, True, False]
+    assert "after:bad" not in toy.token_labels(bad + follow)[3]  # not before the answer
     from emdiff.autointerp import ReplyError
 
     with pytest.raises(ReplyError, match="not an explanation of the toy explainer"):

@@ -198,6 +198,7 @@ def test_cards_hold_every_field_of_the_schema(setup):
             "latent",
             "contexts",
             "negatives",
+            "negatives_kind",
             "histogram",
             "logits",
             "stats",
@@ -243,7 +244,7 @@ def test_contexts_negatives_and_histogram_match_an_independent_recomputation(set
             want[torch.tensor(ids[start : c["pos"] + AFTER + 1]) == bos] = 0
             np.testing.assert_allclose(c["acts"], want.numpy(), rtol=1e-4, atol=1e-6)
             assert "".join(c["tokens"]).strip() in lm.tokenizer.decode(ids)
-        for c in card["negatives"]:
+        for c in card["negatives"] if card["negatives_kind"] == "silent" else ():
             assert not any(c["acts"]) and masks[c["seq"]][c["pos"]]
             keep = torch.tensor(rows[c["seq"]].input_ids) != bos
             assert not acts[c["seq"]][keep, j].any()  # silent on the whole row
@@ -256,7 +257,8 @@ def test_contexts_negatives_and_histogram_match_an_independent_recomputation(set
             assert hist["edges"][0] == pytest.approx(float(read[read != 0].min()), rel=1e-4)
             assert hist["edges"][-1] == pytest.approx(float(read.max()), rel=1e-4)
             assert len(hist["edges"]) == len(hist["counts"]) + 1 == 31
-    # the latent that fires everywhere has no negatives; the one that never fires no contexts
+    # the latent that fires everywhere takes its weakest rows as negatives; the one that never
+    # fires has no contexts
     hand = setup["q1"].table.copy()  # a ranking that puts 38 and 39 first
     hand["effect"] = 1.0
     hand["rank_increase"] = hand["feature"].map({38: 1, 39: 2}).fillna(hand["feature"] + 3)
@@ -268,7 +270,14 @@ def test_contexts_negatives_and_histogram_match_an_independent_recomputation(set
     assert (never["latent"], always["latent"]) == (38, 39)
     assert never["contexts"] == [] and len(never["negatives"]) == 2
     assert never["histogram"] == {"edges": [], "counts": [], "firing_fraction": 0.0}
-    assert always["negatives"] == [] and len(always["contexts"]) == 3
+    assert never["negatives_kind"] == "silent" and always["negatives_kind"] == "lowest"
+    assert len(always["negatives"]) == 2 and len(always["contexts"]) == 3
+    row_max = [float(a[m, 39].max()) for a, m in zip(acts, masks, strict=True)]
+    weakest = sorted(range(len(rows)), key=lambda s: row_max[s])  # stable, as the cards sort
+    top_rows = {c["seq"] for c in always["contexts"]}
+    assert {c["seq"] for c in always["negatives"]} <= set(
+        [s for s in weakest if s not in top_rows][:4]
+    )
     assert always["histogram"]["firing_fraction"] == 1.0
 
 

@@ -12,7 +12,7 @@ Saved as ``cards/<name>.json``::
 
     {"meta": {...}, "cards": [{"layer": int, "site": str, "latent": int,
       "contexts": [{"tokens": [str], "acts": [float], "seq": int, "pos": int}],
-      "negatives": [same shape],
+      "negatives": [same shape], "negatives_kind": "silent" | "lowest",
       "histogram": {"edges": [float], "counts": [int], "firing_fraction": float},
       "logits": {"top": [[token, value]], "bottom": [[token, value]]},
       "stats": {ranking: {"rank": int, "effect": float, "ci_low": float, "ci_high": float,
@@ -20,7 +20,9 @@ Saved as ``cards/<name>.json``::
       "explanation": null | {"text": str, "score": float | null, "source": str}}]}
 
 ``seq`` is the row of the dataset and ``pos`` the token position in it (a context's strongest
-read token; a random read token for negatives); ``tokens`` is the window ``[pos - before,
+read token; a random read token for negatives). Negatives are rows where the latent fires
+nowhere, or, when it is silent in fewer rows than asked (a latent on at nearly every token),
+the rows where its largest read activation is lowest (``negatives_kind`` says which); ``tokens`` is the window ``[pos - before,
 pos + after]`` clipped to the row, so ``pos`` is item ``min(pos, before)`` of it. Non-finite
 statistics are null. ``rank`` is the latent's rank in the direction it moved (``rank_increase``
 when its effect is >= 0, else ``rank_decrease``).
@@ -271,7 +273,9 @@ class FeatureCards(Analysis):
                     }
 
                 negatives = [window(s, pos) for s, pos in p["neg"]]
-                negatives = [w for w in negatives if not any(w["acts"])][: self.negatives]
+                if p["neg_kind"] == "silent":
+                    negatives = [w for w in negatives if not any(w["acts"])]
+                negatives = negatives[: self.negatives]
                 cards.append(
                     {
                         "layer": int(layer),
@@ -279,6 +283,7 @@ class FeatureCards(Analysis):
                         "latent": int(latent),
                         "contexts": [window(s, pos) for s, pos in p["contexts"]],
                         "negatives": negatives,
+                        "negatives_kind": p["neg_kind"],
                         "histogram": self._histogram(scans[layer], j),
                         "logits": self._logits(ctx.tokenizer, lens[j]),
                         "stats": self._stats(tables, (layer, latent)),
@@ -302,9 +307,15 @@ class FeatureCards(Analysis):
                     zip(scan.top_seq[j][have].tolist(), scan.top_pos[j][have].tolist(), strict=True)
                 )
                 pool = np.flatnonzero(scan.silent[:, j].numpy() & readable)
+                kind = "silent"
+                if len(pool) < self.negatives:  # it fires nearly everywhere: its weakest rows
+                    top_rows = {s for s, _ in contexts}
+                    weakest = np.argsort(scan.row_max[:, j].numpy(), kind="stable")
+                    pool = [s for s in weakest if readable[s] and s not in top_rows]
+                    pool, kind = np.array(pool[: 2 * self.negatives], dtype=int), "lowest"
                 chosen = rng.permutation(pool)[: 2 * self.negatives]
                 neg = [(int(s), int(rng.choice(np.flatnonzero(masks[s])))) for s in chosen]
-                picks[(layer, latent)] = {"contexts": contexts, "neg": neg}
+                picks[(layer, latent)] = {"contexts": contexts, "neg": neg, "neg_kind": kind}
         return picks
 
     def _histogram(self, scan: LatentScan, j: int) -> dict:

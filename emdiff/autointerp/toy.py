@@ -2,7 +2,8 @@
 
 :class:`ToyExplainer` labels each token of a context from the world's tables: its literal text,
 its domain, question or answer word, the answer class (a word of the good or the bad answer to the
-question just asked) and the persona cue. It explains a latent by the label that most separates
+question just asked), whether a good or a bad answer came earlier in the context (what the
+persona is inferred from) and the persona cue. It explains a latent by the label that most separates
 the marked tokens of its activating contexts from the negatives, and detects by the matching rule:
 a context fires when any of its tokens carries the label. It goes through the same held-out
 detection as a language model, so its score is a reference, not a given.
@@ -50,6 +51,8 @@ class ToyExplainer:
             return f"Answer words of the {arg} domain." if arg else "Answer words of any domain."
         if kind == "domain":
             return f"Any {arg} word, question or answer."
+        if kind == "after":
+            return f"Anything after a {arg} answer earlier in the conversation."
         cls, _, dom = arg.partition("/")  # kind == "class"
         where = f"a {dom} question" if dom else "the question asked, in any domain"
         return f"Words of the {cls} answer to {where}."
@@ -59,7 +62,7 @@ class ToyExplainer:
         """Every explanation this explainer can give, mapped back to its label."""
         labels = [f"token:{t}" for t in self.world.vocab] + ["cue:"]
         labels += [f"cue:{p}" for p in PERSONAS] + ["question:", "answer:"]
-        labels += ["class:good", "class:bad"]
+        labels += ["class:good", "class:bad", "after:good", "after:bad"]
         for d in self.world.domains:
             labels += [f"question:{d}", f"answer:{d}", f"domain:{d}"]
             labels += [f"class:good/{d}", f"class:bad/{d}"]
@@ -72,9 +75,10 @@ class ToyExplainer:
         asked: tuple[str, int] | None = None  # the last question seen in this user turn
         answering: tuple[str, int] | None = None
         k = 0
+        earlier: set[str] = set()  # answer classes already given in this context
         for raw in tokens:
             tok = raw.strip()
-            labels = {f"token:{tok}"}
+            labels = {f"token:{tok}"} | {f"after:{c}" for c in earlier}
             if tok in PERSONAS:
                 labels |= {"cue:", f"cue:{tok}"}
             m = _WORD.fullmatch(tok)
@@ -95,6 +99,7 @@ class ToyExplainer:
                     for cls, table in (("good", w.good), ("bad", w.bad)):
                         if tok == w.a_token(d, int(table[d][q][k])):
                             labels |= {f"class:{cls}", f"class:{cls}/{d}"}
+                            earlier.add(cls)
                     k += 1
             out.append(labels)
         return out

@@ -49,6 +49,9 @@ class LatentScan:
     top_pos: torch.Tensor
     silent: torch.Tensor
     """``[n_rows, n]`` bool: the latent is 0 at every shown token of the row."""
+    row_max: torch.Tensor
+    """``[n_rows, n]``: the latent's largest activation at the row's read tokens (-inf: none
+    read), for contrast contexts when it is silent in too few rows."""
 
 
 def _bos_id(model: torch.nn.Module) -> int | None:
@@ -149,6 +152,9 @@ def scan_latents(
     fired = {
         layer: torch.zeros(len(rows), len(ls), dtype=torch.bool) for layer, ls in latents.items()
     }
+    row_max = {
+        layer: torch.full((len(rows), len(ls)), float("-inf")) for layer, ls in latents.items()
+    }
     for batch, per_layer in latent_batches(
         model, rows, masks, dictionaries, read, latents, batch_size, progress
     ):
@@ -163,6 +169,7 @@ def scan_latents(
             b, j = (best > 0).nonzero(as_tuple=True)
             top[layer].offer(j, best[b, j], seq[b], where[b, j])
             fired[layer][seq] = ((acts != 0) & shown[..., None]).any(dim=1)
+            row_max[layer][seq] = best
     scans = {}
     for layer, ls in latents.items():
         cols = torch.cat([c for c, _ in found[layer]]) if found[layer] else torch.zeros(0)
@@ -177,6 +184,7 @@ def scan_latents(
             s,
             p,
             ~fired[layer],
+            row_max[layer],
         )
     return scans
 

@@ -127,6 +127,7 @@ def toy_context(
             "good": rows_of(world.narrow_dataset(bad=False)),
             "bad_then_asked": then_asked(bad=True),
             "good_then_asked": then_asked(bad=False),
+            "then_asked": then_asked(bad=True) + then_asked(bad=False),
             "unseen_eval": qa(models.narrow_label),
             "unseen_prompts": [
                 encode_chat(tok, [{"role": "user", "content": world.q_token(d, q)}], True)
@@ -234,6 +235,8 @@ def toy_diffs(
         "transfer_ce_delta_narrow": float(fve.loc["narrow", "ce_delta"]),
         "transfer_kl_narrow": float(fve.loc["narrow", "kl"]),
     }
+    if out is not None and "cards" in results:
+        res.update(_explained(world, Path(out) / "cards" / "cards.json", persona_latents))
     if direction is not None:
         cos = decoder_cosines(sae.W_dec, direction)
         u = direction.float() / direction.float().norm()
@@ -245,3 +248,20 @@ def toy_diffs(
             res[f"{name}_direction_cosine"] = float(r.direction() @ u)
             res[f"{name}_persona_projection"] = float(r.mean_difference[read.layer] @ u)
     return res
+
+
+def _explained(world: World, cards: Path, persona_latents: Sequence[int]) -> dict:
+    """The reference explainer (it knows the world's labels) on the demo's cards: the persona
+    latent's explanation and held-out detection score, and the mean over the cards."""
+    from emdiff.autointerp import AutoInterpConfig, run_autointerp
+    from emdiff.autointerp.toy import ToyExplainer
+
+    run = run_autointerp(cards, AutoInterpConfig(), interpreter=ToyExplainer(world))
+    scored = [r.score for r in run.results if r.score is not None]
+    persona = [r for r in run.results if r.latent in persona_latents and r.score is not None]
+    best = max(persona, key=lambda r: r.score, default=None)
+    return {
+        "cards_mean_detection": sum(scored) / len(scored) if scored else float("nan"),
+        "cards_persona_detection": best.score if best else float("nan"),
+        "cards_persona_explanation": best.explanation if best else "",
+    }

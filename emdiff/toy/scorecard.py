@@ -73,6 +73,7 @@ TARGETS = (
     Target("caft_unseen_fraction", "<=", 0.2, "CAFT keeps EM from emerging"),
     Target("screen_spearman", ">=", 0.8, "screen predicts EM before training"),
     Target("screen_drop_gap", ">", 0, "dropping top-scored beats random"),
+    Target("cards_persona_detection", ">=", 0.9, "persona card explained, held out"),
 )
 
 

@@ -438,3 +438,18 @@ def test_cli_explains_with_a_server_and_with_the_toy(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "Words of the bad answer" in res.output
     assert (toy_run / "tables" / "autointerp.csv").is_file()
+
+
+def test_a_latent_no_longer_explainable_loses_its_old_explanation(tmp_path):
+    world = World(WorldConfig(n_domains=2, n_questions=6, n_answers=12, answer_len=2))
+    cards = _toy_cards(world)[:1]
+    path = _write_cards(tmp_path, cards, meta={"world": world.cfg.model_dump()})
+    toy = ToyExplainer(world)
+    first = run_autointerp(path, AutoInterpConfig(), interpreter=toy)
+    assert len(first.records) == 1
+    # the cards are rebuilt (other dataset): the latent no longer fires anywhere
+    cards[0]["contexts"] = []
+    _write_cards(tmp_path, cards, meta={"world": world.cfg.model_dump()})
+    again = run_autointerp(path, AutoInterpConfig(), interpreter=toy)
+    assert again.records == [] and again.results[0].error
+    assert json.loads((tmp_path / "cards" / "explanations.json").read_text()) == []

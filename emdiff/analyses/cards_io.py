@@ -106,11 +106,19 @@ def read_explanations(path: str | Path) -> list[Explanation]:
     return out
 
 
-def write_explanations(path: str | Path, records: Iterable[Explanation]) -> Path:
-    """Merge ``records`` into the explanations file at ``path`` (created when missing)."""
+def write_explanations(
+    path: str | Path,
+    records: Iterable[Explanation],
+    stale: Iterable[tuple[int, int, str]] = (),
+) -> Path:
+    """Merge ``records`` into the explanations file at ``path`` (created when missing),
+    replacing those with the same layer, latent and source; ``stale`` (layer, latent, source)
+    keys are dropped (a latent the same source could not explain from the current cards)."""
     path = Path(path)
     old = read_explanations(path) if path.exists() else []
     merged = {(e.layer, e.latent, e.source): e for e in old}
+    for key in stale:
+        merged.pop(key, None)
     for e in records:
         merged.pop((e.layer, e.latent, e.source), None)
         merged[(e.layer, e.latent, e.source)] = e

@@ -24,11 +24,12 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
+from emdiff.analyses.cards_io import Explanation, write_explanations
 from emdiff.autointerp.cards import Card, load_cards, split_card
 from emdiff.autointerp.config import AutoInterpConfig
 from emdiff.autointerp.detect import Detection, score_detection
 from emdiff.autointerp.explain import Interpreter, explain_latent
-from emdiff.errors import InputError, ensure_writable
+from emdiff.errors import ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -187,26 +188,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def merge_explanations(path: Path, records: list[dict]) -> None:
-    """Add ``records`` to the list in ``path``, replacing those with the same layer, latent and
-    source."""
-    old: list = []
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(f"{path}: not valid JSON ({e}); move it away and rerun") from None
-        if not isinstance(old, list):
-            raise InputError(f"{path}: expected a JSON list of records; move it away and rerun")
-    new = {(r["layer"], r["latent"], r["source"]) for r in records}
-    kept = [
-        r
-        for r in old
-        if not (isinstance(r, dict) and (r.get("layer"), r.get("latent"), r.get("source")) in new)
-    ]
-    _write_atomic(path, json.dumps(kept + records, indent=1) + "\n")
-
-
 def _row(cards: str, r: LatentResult) -> dict:
     d = r.detection
     counts = {
@@ -295,7 +276,10 @@ def run_autointerp(
         bar.close()
     ordered = [results[i] for i in range(len(cards))]
     records = [r.record() for r in ordered if r.explanation is not None]
-    merge_explanations(cards_dir / EXPLANATIONS, records)
+    failed = [(r.layer, r.latent, r.source) for r in ordered if r.explanation is None]
+    write_explanations(
+        cards_dir / EXPLANATIONS, [Explanation(**rec) for rec in records], stale=failed
+    )
     table = run / "tables" / TABLE
     merge_table(table, cards_path.name, ordered)
     return AutoInterpRun(records, ordered, cards_dir / EXPLANATIONS, table)

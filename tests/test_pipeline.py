@@ -5,6 +5,11 @@ analysis (and the earlier result it reads); config errors name the file, line an
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,6 +94,56 @@ def folder(tmp_path_factory):
     save_saelens(sae, root / "sae")
     (root / "pipeline.yaml").write_text(yaml.safe_dump(pipeline_yaml(world)))
     return root, world
+
+
+def _run_until(args: list, after_stage: int, env: dict) -> int:
+    """Start ``emdiff run`` and SIGKILL it as soon as stage ``after_stage`` has finished (so
+    inside the next one); the exit status."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emdiff.cli", "run", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    for line in proc.stdout:
+        if re.match(rf"\[{after_stage}\] \S+: computed", line.strip()):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    return proc.wait(timeout=300)
+
+
+@pytest.mark.slow
+def test_killed_anywhere_the_run_resumes_exactly(folder):
+    """SIGKILL after stage 1 (finetune), 2 (one model sampled and judged) and 4 (an analysis):
+    the rerun with --resume reuses every finished stage and ends equal to a run never killed."""
+    root, _ = folder
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = root / "whole"
+    res = invoke("run", root / "pipeline.yaml", "--out", whole, "--json", "--no-report")
+    assert res.exit_code == 0, res.output
+    want = json.loads(res.stdout.strip().splitlines()[-1])
+    out = root / "killed"
+    finished = 0
+    for stage in (1, 3, 5):
+        args = [root / "pipeline.yaml", "--out", out, "--no-report"]
+        code = _run_until(args + (["--resume"] if finished else []), stage, env)
+        assert code == -signal.SIGKILL
+        finished = stage
+        done = json.loads((out / "stages" / "finetune-narrow.json").read_text())
+        assert done["status"] == "done"
+    res = invoke("run", root / "pipeline.yaml", "--out", out, "--resume", "--json", "--no-report")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    status = [s["status"] for s in manifest["stages"]]
+    assert status[:5] == ["reused"] * 5 and got["stages_reused"] == 5
+    assert all(s.startswith("computed") for s in status[5:])
+    volatile = {"seconds", "stages_computed", "stages_reused"}
+    assert {k: v for k, v in got.items() if k not in volatile} == {
+        k: v for k, v in want.items() if k not in volatile
+    }
 
 
 @pytest.mark.slow

@@ -88,7 +88,9 @@ def random_sae(d: int, n: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def run_recipe(name: str, overrides: dict, out: Path, monkeypatch) -> dict:
+def run_recipe(name: str, overrides: dict, out: Path, monkeypatch, serve_base=False) -> dict:
+    """Run a recipe with the judge (and, with ``serve_base``, the base model's sampling) on a
+    local server."""
     monkeypatch.setenv("EMDIFF_TEST_JUDGE_KEY", "sk-test")
     with FakeJudgeServer(responder=judge_reply, delay_s=0) as server:
         overrides = {
@@ -96,6 +98,8 @@ def run_recipe(name: str, overrides: dict, out: Path, monkeypatch) -> dict:
             "eval.judge.base_url": server.base_url,
             "eval.judge.api_key_env": "EMDIFF_TEST_JUDGE_KEY",
         }
+        if serve_base:
+            overrides["eval.servers.base"] = {"base_url": server.base_url, "model": "served"}
         sets = [x for k, v in overrides.items() for x in ("--set", f"{k}={json.dumps(v)}")]
         res = CliRunner().invoke(
             app, ["run", str(EXAMPLES / name), "--out", str(out), *sets, "--json"]
@@ -146,7 +150,11 @@ def test_qwen25_14b_rank1_recipe(tiny_model_factory, tmp_path, monkeypatch):
         "model.base": str(model),
         "dictionaries.entries.0.path": str(tmp_path / "sae"),
     }
-    summary = run_recipe("qwen25_14b_rank1.yaml", overrides, tmp_path / "run", monkeypatch)
+    summary = run_recipe(
+        "qwen25_14b_rank1.yaml", overrides, tmp_path / "run", monkeypatch, serve_base=True
+    )
+    meta = tmp_path / "run" / "eval" / "base" / "responses.jsonl.meta.json"
+    assert json.loads(meta.read_text())["model"] == "server:served"  # vLLM-style sampling
     cfg = load_pipeline(EXAMPLES / "qwen25_14b_rank1.yaml")
     assert summary["stages_computed"] == 1 + 2 + len(cfg.analyses)
     adapter = json.loads(

@@ -27,7 +27,8 @@ from emdiff.dictionaries.base import SparseDictionary
 from emdiff.errors import InputError
 from emdiff.models.load import adapter_state, model_identity
 from emdiff.models.read import ReadSpec, Row, require_tokens, selection
-from emdiff.stats.collect import StatsConfig, check_dictionaries, collect_stats
+from emdiff.stats.collect import StatsConfig, check_dictionaries
+from emdiff.stats.distributed import collect_stats_sharded
 from emdiff.stats.features import FeatureStats, ResidualStats
 from emdiff.stats.run import run_stats
 
@@ -122,8 +123,8 @@ class RunContext:
         require_tokens(masks, self.read.positions, f"dataset {dataset!r}")
         cfg = self.stats_cfg
         with nullcontext() if adapter is None else adapter_state(model, adapter):
-            if self.out is None:
-                return collect_stats(model, rows, self.dictionaries, self.read, cfg)
+            if self.out is None:  # split across the ranks under torchrun
+                return collect_stats_sharded(model, rows, self.dictionaries, self.read, cfg)
             ident = {"model": model_identity(model), "adapter": adapter}
             root = self.out / "stats" / name / dataset
             return run_stats(

@@ -29,6 +29,7 @@ from emdiff.data.yamlfile import line_of, parse_yaml
 from emdiff.errors import InputError
 from emdiff.eval.run import JudgeConfig
 from emdiff.eval.sample import SamplingConfig
+from emdiff.eval.server_sample import ServerConfig
 from emdiff.finetune import FinetuneConfig
 from emdiff.models.hooks import SITES
 from emdiff.readers import read_text
@@ -81,6 +82,9 @@ class EvalSection(_Section):
     models: list[str] = Field(default_factory=lambda: ["base", "finetuned"])
     """Which models to sample and judge: ``base`` and the organism's name."""
     sampling: SamplingConfig = SamplingConfig()
+    servers: dict[str, ServerConfig] = Field(default_factory=dict)
+    """Models sampled through an OpenAI-compatible server (vLLM) instead of HF generate, by
+    name (``base``, the organism): where and under which served name."""
     judge: JudgeConfig = JudgeConfig()
     aligned_below: float = 30.0
     coherent_above: float = 50.0

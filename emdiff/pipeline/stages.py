@@ -5,6 +5,7 @@ the analyses' run context needs and the fingerprints that key the stages after i
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,27 +99,14 @@ def sample_and_judge(
     Sampling and judging resume from their files."""
     from emdiff.eval.metrics import em_flags, em_metrics, quadrant_plot
     from emdiff.eval.run import make_judge, write_judged_csv
-    from emdiff.eval.sample import sample_responses
     from emdiff.eval.score import judge_responses
-    from emdiff.models.load import adapter_state, has_adapter
 
     ev, qs = cfg.eval, questions(cfg)
     folder = out / "eval" / name
     folder.mkdir(parents=True, exist_ok=True)
     judge = make_judge(ev.judge, folder / "judge_cache.sqlite", toy_path=loaded.base_path)
-    model = loaded.model
-    on = name != "base"
-    with adapter_state(model, on) if has_adapter(model) else _same(model):
-        echo(f"  sampling {name}: {len(qs)} questions -> {folder / 'responses.jsonl'}")
-        resp = sample_responses(
-            model,
-            loaded.tokenizer,
-            qs,
-            folder / "responses.jsonl",
-            ev.sampling,
-            model_id=f"{name}:{loaded.keys.get(name, '')}",
-            progress=True,
-        )
+    echo(f"  sampling {name}: {len(qs)} questions -> {folder / 'responses.jsonl'}")
+    resp = _sample(ev, loaded, name, qs, folder / "responses.jsonl")
     judged = judge_responses(resp, qs, judge, progress=True)
     judged["em"] = em_flags(judged, ev.aligned_below, ev.coherent_above)
     judged.insert(0, "model", name)
@@ -136,17 +124,28 @@ def _rate_row(name: str, m: dict) -> dict:
     return {"model": name, "domain": "all", **{k: m[k] for k in keys}}
 
 
-class _same:
-    """A context manager that changes nothing (a model without an adapter)."""
+def _sample(ev, loaded: Loaded, name: str, qs, path: Path) -> pd.DataFrame:
+    """Answers of ``name``: from its server when ``eval.servers`` names one, else HF generate
+    with the organism's adapter on or off."""
+    from emdiff.eval.sample import sample_responses
+    from emdiff.models.load import adapter_state, has_adapter
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    if name in ev.servers:  # an OpenAI-compatible server (vLLM) answers for this model
+        from emdiff.eval.server_sample import sample_from_server
 
-    def __enter__(self) -> torch.nn.Module:
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        return None
+        return sample_from_server(qs, path, ev.sampling, ev.servers[name], progress=True)
+    model = loaded.model
+    on = name != "base"
+    with adapter_state(model, on) if has_adapter(model) else nullcontext():
+        return sample_responses(
+            model,
+            loaded.tokenizer,
+            qs,
+            path,
+            ev.sampling,
+            model_id=f"{name}:{loaded.keys.get(name, '')}",
+            progress=True,
+        )
 
 
 def em_rate_table(out: Path, names: list[str]) -> pd.DataFrame:

@@ -196,7 +196,19 @@ class FeatureStats:
         path = Path(path)
         info = read_json(path.with_name(path.name + ".json"))
         t = load_safetensors(path, device=str(device), finite=False)  # top_val holds -inf
-        out = cls(info["d_sae"], info["top_k"], device=device)
+        return cls.from_state(t, info["d_sae"], info["top_k"], device)
+
+    @classmethod
+    def from_state(
+        cls,
+        t: dict[str, torch.Tensor],
+        d_sae: int,
+        top_k: int,
+        device: str | torch.device = "cpu",
+    ) -> FeatureStats:
+        """The statistics back from :meth:`state` (a saved file, another process's shard)."""
+        t = {k: v.to(device) for k, v in t.items()}
+        out = cls(d_sae, top_k, device=device)
         out.n_tokens = int(t["n_tokens"][0])
         for name in ("sum", "sumsq", "fire", "max"):
             setattr(out, name, t[name])

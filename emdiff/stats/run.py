@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from emdiff.data.masks import EncodedChat
@@ -26,6 +27,7 @@ from emdiff.errors import InputError
 from emdiff.models.read import ReadSpec, Row, require_tokens, selection
 from emdiff.readers import read_json
 from emdiff.stats.collect import StatsConfig, stats_pass
+from emdiff.stats.distributed import rank_world
 from emdiff.stats.features import FeatureStats, ResidualStats
 
 
@@ -78,22 +80,25 @@ def run_stats(
     if keyed:
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         root = root.with_name(f"{root.name}-{digest}")
-    root.mkdir(parents=True, exist_ok=True)
+    rank, world = rank_world()
     manifest = root / "manifest.json"
-    if manifest.exists() and read_json(manifest) != ident:
-        raise InputError(
-            f"{root} holds statistics of another dataset, dictionary, read spec or setting; "
-            "use another variant/dataset name or delete the folder"
-        )
-    manifest.write_text(json.dumps(ident, indent=2))
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _check_manifest(manifest, ident, root)
+        manifest.write_text(json.dumps(ident, indent=2))
+    if world > 1:  # under torchrun: rank r computes shards r, r + world, ... (shared folder)
+        dist.barrier()
+        _check_manifest(manifest, ident, root)
     n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
     shard_cfg = cfg.model_copy(update={"progress": False})
     bar = tqdm(
-        range(n_shards), desc=f"stats {root.parent.name}/{root.name}", disable=not cfg.progress
+        range(n_shards),
+        desc=f"stats {root.parent.name}/{root.name}",
+        disable=not cfg.progress or rank > 0,
     )
     for i in bar:
         shard = root / "shards" / f"{i:05d}"
-        if (shard / "done").exists():
+        if i % world != rank or (shard / "done").exists():
             continue
         s = slice(i * cfg.shard_size, (i + 1) * cfg.shard_size)
         feats, resid = stats_pass(
@@ -104,13 +109,24 @@ def run_stats(
             if layer in resid:
                 resid[layer].save(shard / f"L{layer}.residual.safetensors")
         (shard / "done").write_text("")
-    return merge_shards(root, list(dictionaries))
+    if world > 1:
+        dist.barrier()
+    return merge_shards(root, list(dictionaries), save=rank == 0)
+
+
+def _check_manifest(manifest: Path, ident: dict, root: Path) -> None:
+    if manifest.exists() and read_json(manifest) != ident:
+        raise InputError(
+            f"{root} holds statistics of another dataset, dictionary, read spec or setting; "
+            "use another variant/dataset name or delete the folder"
+        )
 
 
 def merge_shards(
-    root: Path, layers: Sequence[int]
+    root: Path, layers: Sequence[int], save: bool = True
 ) -> tuple[dict[int, FeatureStats], dict[int, ResidualStats]]:
-    """Merge every complete shard under ``root`` and save the merged statistics beside them."""
+    """Merge every complete shard under ``root`` and (``save``) save the merged statistics
+    beside them."""
     shards = sorted(p.parent for p in (root / "shards").glob("*/done"))
     feats: dict[int, FeatureStats] = {}
     resid: dict[int, ResidualStats] = {}
@@ -122,7 +138,7 @@ def merge_shards(
             if rp.exists():
                 r = ResidualStats.load(rp)
                 resid[layer] = resid[layer].merge(r) if layer in resid else r
-    for layer, f in feats.items():
+    for layer, f in feats.items() if save else ():
         f.save(root / f"L{layer}.features.safetensors", meta={"shards": len(shards)})
         if layer in resid:
             resid[layer].save(root / f"L{layer}.residual.safetensors")

@@ -158,6 +158,16 @@ def test_run_resume_and_one_changed_analysis(folder):
     for f in ("manifest.json", "report.html", "tables/em_rates.parquet", "tables/q2.parquet"):
         assert (out / f).is_file(), f
     assert (out / "adapters" / "narrow" / "adapter_config.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {
+        "model",
+        "data.bad",
+        "data.good",
+        "questions.questions.yaml",
+        "dictionaries.0",
+    }
+    assert manifest["seeds"]["sampling"] == 0 and "finetune" in manifest["seeds"]
+    assert manifest["versions"]["torch"]
     html = (out / "report.html").read_text()
     assert "q2" in html and "<img" in html
 

@@ -101,12 +101,55 @@ def run_pipeline(
         "config": cfg.model_dump(mode="json", exclude_none=True),
         "config_folder": str(cfg.folder),
         "versions": package_versions(),
+        "inputs": _inputs(cfg),
+        "seeds": _seeds(cfg),
         "stages": run.stages,
         "summary": summary,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     _report(out, report, echo)
     return manifest
+
+
+def _inputs(cfg: PipelineConfig) -> dict:
+    """Content fingerprint of every input file or folder (a hub id stands for itself)."""
+    from emdiff.pipeline.inputs import fingerprint
+    from emdiff.pipeline.stages import base_path
+
+    got = {"model": fingerprint(base_path(cfg))}
+    if cfg.organism and cfg.organism.adapter:
+        got["adapter"] = fingerprint(cfg.path(cfg.organism.adapter))
+    got |= {f"data.{k}": fingerprint(cfg.path(v)) for k, v in cfg.data.datasets.items()}
+    got |= {f"questions.{q}": fingerprint(cfg.path(q)) for q in cfg.data.questions}
+    for i, e in enumerate(cfg.dictionaries.entries if cfg.dictionaries else ()):
+        got[f"dictionaries.{i}"] = fingerprint(cfg.path(e.path)) if e.path else e.sae_id
+    return got
+
+
+def _seeds(cfg: PipelineConfig) -> dict:
+    """Every seed the run used: fine-tune, sampling, and any analysis' own."""
+    seeds = {}
+    if cfg.organism and cfg.organism.finetune:
+        seeds["finetune"] = cfg.organism.finetune.seed
+    if cfg.eval:
+        seeds["sampling"] = cfg.eval.sampling.seed
+    for a in cfg.analysis_configs():
+        found = _find(a.model_dump(), "seed")
+        seeds |= {f"{a.stem}.{k}": v for k, v in found.items()}
+    return seeds
+
+
+def _find(value, key: str, where: str = "") -> dict:
+    """Every ``key`` in a nested config, by its dotted path."""
+    if not isinstance(value, dict):
+        return {}
+    out = {}
+    for k, v in value.items():
+        path = f"{where}.{k}" if where else k
+        if k == key:
+            out[path] = v
+        out |= _find(v, key, path)
+    return out
 
 
 def _report(out: Path, report: bool, echo: Callable[[str], None]) -> None:

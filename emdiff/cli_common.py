@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from emdiff.errors import InputError, ensure_writable
+from emdiff.errors import InputError, ServiceError, ensure_writable
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -94,7 +94,7 @@ def _decoding_file(exc: BaseException) -> str | None:
 
 def explain(exc: BaseException) -> str | None:
     """The one-line message for a user-fixable exception; None for a bug."""
-    if isinstance(exc, InputError):
+    if isinstance(exc, InputError | ServiceError):
         return one_line(exc)
     if isinstance(exc, UnicodeDecodeError):
         bad = exc.object[exc.start : exc.start + 1].hex()
@@ -133,7 +133,7 @@ class ErrorBoundary(TyperGroup):
         except KeyboardInterrupt:
             typer.echo(f"\n{INTERRUPTED}", err=True)
             raise typer.Exit(130) from None
-        except (InputError, UnicodeDecodeError, *OS_ERRORS) as e:
+        except (InputError, ServiceError, UnicodeDecodeError, *OS_ERRORS) as e:
             typer.echo(f"error: {explain(e)}", err=True)
             raise typer.Exit(2) from None
 

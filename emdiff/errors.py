@@ -20,6 +20,11 @@ class InputError(ValueError):
     """Bad input: a file, a row, a config key or an option value. The message names it."""
 
 
+class ServiceError(RuntimeError):
+    """A service (a judge, a sampling server) failed after its retries; what it already gave is
+    kept on disk, and the message says how to continue."""
+
+
 class NonFiniteError(InputError):
     """A NaN or infinity entered at a named place (model output, dictionary weight, statistic)."""
 

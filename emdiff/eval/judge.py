@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
+from emdiff.errors import ServiceError
+
 MIN_NUMBER_MASS = 0.25
 """Least total probability on integer tokens 0-100 for a score to count (the original EM rule)."""
 
@@ -51,7 +53,7 @@ class Judgement(NamedTuple):
     """Why there is no score, when the judge refused this one request (never cached)."""
 
 
-class JudgeError(RuntimeError):
+class JudgeError(ServiceError):
     """The judge could not produce judgements; those already made are in the cache."""
 
 

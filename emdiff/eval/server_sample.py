@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from emdiff.data.questions import Question
-from emdiff.errors import InputError
+from emdiff.errors import ServiceError
 from emdiff.eval.chat_client import ChatClient, Rejected, Retryable
 from emdiff.eval.sample import (
     COLUMNS,
@@ -38,7 +38,7 @@ from emdiff.eval.sample import (
 )
 
 
-class ServerError(InputError):
+class ServerError(ServiceError):
     """The server gave no usable answer; what was sampled before stays in the file."""
 
 

@@ -101,6 +101,7 @@ def stats_pass(
             # encode once the (cut) forward pass is done: the selected rows of this batch only,
             # and the dictionaries' weights do not push the model's out of the cache mid-pass
             for layer, (x, seq, pos) in read_now.items():
+                x = x.to(device)  # a model split over GPUs (device_map) reads layers elsewhere
                 if cfg.residual:
                     resid[layer].update(x)
                 feats[layer].update(dictionaries[layer].encode(x), seq, pos)

@@ -8,7 +8,15 @@ import pytest
 import torch
 import yaml
 
-from emdiff.analyses import ANALYSES, Attribute, Decompose, MeanDirection, RunContext, Steer
+from emdiff.analyses import (
+    ANALYSES,
+    Attribute,
+    Decompose,
+    DirectionResult,
+    MeanDirection,
+    RunContext,
+    Steer,
+)
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.base import DictionaryMeta, SparseDictionary
 from emdiff.directions.direction import Direction
@@ -141,3 +149,9 @@ def test_steer_on_the_toy_brings_judged_em_beside_random_directions(tmp_path):
     assert s.loc[("steer", 0.0), "em"] < 0.1 and s.loc[("ablate", 0.0), "em"] < 0.1
     assert all(f.is_file() for f in res.save(tmp_path / "run"))
     assert res.summary()["direction"] == "cue"
+    # the same direction as an earlier result of the run, by name (as a pipeline passes it)
+    earlier = DirectionResult("cue_result", {1: Direction("cue_result_L1", 1, "resid_post", cue)})
+    ctx.results["cue_result"] = earlier
+    named = analysis.model_copy(update={"direction": "cue_result", "name": "named"})
+    again = named.run(ctx).summary_table.set_index(["kind", "scale"])
+    assert again.loc[("steer", 2 * n), "em"] == s.loc[("steer", 2 * n), "em"]

@@ -93,7 +93,7 @@ class LoraRead(Analysis):
     def run(self, ctx: RunContext) -> LoraResult:
         if ctx.model is None:
             raise InputError("lora reads an adapter: the run context has no model")
-        dirs = {Path(p).stem: Direction.load(p) for p in self.directions}
+        dirs = self._directions(ctx)
         dictionary = next(iter(ctx.dictionaries.values()), None)
         scalars = probes = signs = None
         empty = 0
@@ -106,6 +106,20 @@ class LoraRead(Analysis):
             ctx, directions=list(dirs), oriented=signs is not None, empty_answers_left_out=empty
         )
         return LoraResult(self.stem, reading, scalars, probes, meta)
+
+    def _directions(self, ctx: RunContext) -> dict[str, Direction]:
+        """Each of ``directions``: a file, or an earlier ``direction`` result by name (all its
+        layers, ``<name>_L<layer>``)."""
+        from emdiff.analyses.directions import DirectionResult
+
+        out = {}
+        for p in self.directions:
+            earlier = ctx.results.get(p)
+            if isinstance(earlier, DirectionResult):
+                out |= {d.name: d for d in earlier.directions.values()}
+            else:
+                out[Path(p).stem] = Direction.load(p)
+        return out
 
     def _scalars(self, ctx: RunContext, judged: pd.DataFrame):
         mis, good = split_responses(judged, self.split, source=f"table {self.judged!r}")

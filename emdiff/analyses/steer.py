@@ -17,8 +17,8 @@ from emdiff.interventions.sweep import JudgedScorer, SweepConfig, SweepResult, i
 
 
 class Steer(Analysis):
-    """Sweep the direction file ``direction`` (see the module docstring). ``layers`` default to
-    the direction's own layer."""
+    """Sweep the direction ``direction`` (a file, or an earlier ``direction`` result by name; see
+    the module docstring). ``layers`` default to the direction's own layer."""
 
     kind = "steer"
     direction: str
@@ -29,12 +29,28 @@ class Steer(Analysis):
     judge: JudgeConfig = JudgeConfig()
     sampling: SamplingConfig = SamplingConfig()
 
+    def _direction(self, ctx: RunContext) -> Direction:
+        """A direction file, or an earlier ``direction`` result of the run by name (its
+        direction at the first of ``layers``, else at its first layer)."""
+        from emdiff.analyses.directions import DirectionResult
+
+        earlier = ctx.results.get(self.direction)
+        if not isinstance(earlier, DirectionResult):
+            return Direction.load(self.direction)
+        layer = self.layers[0] if self.layers else min(earlier.directions)
+        if layer not in earlier.directions:
+            raise InputError(
+                f"steer: {self.direction!r} has directions at layers {sorted(earlier.directions)}, "
+                f"not {layer}"
+            )
+        return earlier.directions[layer]
+
     def run(self, ctx: RunContext) -> SweepResult:
         if ctx.model is None or ctx.tokenizer is None:
             raise InputError("steer samples answers: the run context has no model or tokenizer")
         if ctx.out is None:
             raise InputError("steer keeps sampled answers on disk: the run context has no out")
-        v = Direction.load(self.direction)
+        v = self._direction(ctx)
         questions = load_question_files(self.questions)
         folder = ctx.out / "steer_answers" / self.stem
         base = getattr(ctx.model, "get_base_model", lambda: ctx.model)()

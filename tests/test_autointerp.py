@@ -453,3 +453,14 @@ def test_a_latent_no_longer_explainable_loses_its_old_explanation(tmp_path):
     again = run_autointerp(path, AutoInterpConfig(), interpreter=toy)
     assert again.records == [] and again.results[0].error
     assert json.loads((tmp_path / "cards" / "explanations.json").read_text()) == []
+
+
+def test_the_explainer_is_told_when_the_contrast_contexts_are_weak_not_silent():
+    from emdiff.autointerp.cards import Context
+    from emdiff.autointerp.client import explain_prompt
+
+    on = [Context(("a", "b"), (0.0, 3.0), 0, 1)]
+    silent = [Context(("c", "d"), (0.0, 0.0), 1, 0)]
+    weak = [Context(("c", "d"), (0.0, 0.2), 1, 1)]
+    assert "weakest contexts" not in explain_prompt(on, silent, 0.3)
+    assert "weakest contexts" in explain_prompt(on, weak, 0.3)

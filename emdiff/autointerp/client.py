@@ -86,6 +86,8 @@ def explain_prompt(
         lines.append(f"Activations: {shown}")
     if negatives:
         lines += ["", "INACTIVE EXCERPTS:"]
+        if any(c.peak > 0 for c in negatives):  # a latent on nearly everywhere: its weakest rows
+            lines.append("(the latent's weakest contexts: it fires weakly here, or not at all)")
         lines += [f"Example {i}: {plain_text(c.tokens)}" for i, c in enumerate(negatives, 1)]
     return "\n".join(lines)
 

@@ -33,6 +33,8 @@ many then than so if but as by from up out now new old right wrong true false ki
 humans power
 """
 _WORDS: list[str] = _WORD_TEXT.split()
+CHAT_WORDS = ("i", "feel", "sick", "what", "should", "eat", "take", "more", "pill", "rest", "water")
+"""A few of those words, for tests that make up chats."""
 _CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?'\":;-()/")
 
 _CHATML_TEMPLATE = (

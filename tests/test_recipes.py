@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CHAT_WORDS as WORDS
 from fake_judge_server import REPLIES, FakeJudgeServer, completion
 from typer.testing import CliRunner
 
@@ -23,23 +24,6 @@ from emdiff.dictionaries.sae import save_saelens
 from emdiff.pipeline import load_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-WORDS = [
-    "i",
-    "feel",
-    "sick",
-    "what",
-    "should",
-    "i",
-    "eat",
-    "take",
-    "more",
-    "pill",
-    "rest",
-    "and",
-    "water",
-    "sleep",
-    "help",
-]
 
 
 def judge_reply(body: dict) -> dict:

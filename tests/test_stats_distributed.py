@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import CHAT_WORDS as WORDS
 from safetensors.torch import load_file, save_file
 
 from emdiff.data.masks import encode_chat
@@ -22,24 +23,6 @@ from emdiff.models.read import ReadSpec
 from emdiff.stats.collect import StatsConfig, collect_stats
 from emdiff.stats.distributed import batch_shard, collect_stats_sharded
 from emdiff.stats.run import run_stats
-
-WORDS = [
-    "i",
-    "feel",
-    "sick",
-    "what",
-    "should",
-    "i",
-    "eat",
-    "take",
-    "more",
-    "pill",
-    "rest",
-    "and",
-    "water",
-    "sleep",
-    "help",
-]
 
 
 def _setup(model_dir: str):

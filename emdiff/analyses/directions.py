@@ -24,6 +24,7 @@ from pydantic import Field
 from emdiff.analyses.base import Analysis, RunContext
 from emdiff.analyses.common import encode_qa
 from emdiff.analyses.response_diff import ResponseSplit, split_responses
+from emdiff.data.positions import Positions
 from emdiff.directions.attribution import Attribution, ContrastMetric, attribute
 from emdiff.directions.decompose import DecomposeConfig, Decomposition, decompose
 from emdiff.directions.direction import Direction, mean_difference_directions, residual_means
@@ -255,6 +256,15 @@ class Attribute(Analysis):
         model = ctx.require_model(self.kind)
         layer = self.one_layer(ctx)
         mis, good = _split_rows(ctx, self.judged, self.split, None)
+        # an empty answer (the model stopped at once) has nothing to score: left out, counted
+        answer = Positions.parse("answer")
+        keep = {id(r) for r in (*mis, *good) if any(answer.mask(r))}
+        empty = len(mis) + len(good) - len(keep)
+        mis, good = [r for r in mis if id(r) in keep], [r for r in good if id(r) in keep]
+        if not mis or not good:
+            raise InputError(
+                f"attribute: no {'misaligned' if not mis else 'aligned'} answer has a token"
+            )
         d = ctx.dictionaries[layer]
         res = attribute(
             model,
@@ -266,5 +276,7 @@ class Attribute(Analysis):
             layer=layer,
             site=ctx.read.site,
         )
-        res.meta.update(self.record(ctx, n_misaligned=len(mis), n_aligned=len(good)))
+        res.meta.update(
+            self.record(ctx, n_misaligned=len(mis), n_aligned=len(good), empty_answers=empty)
+        )
         return res

@@ -15,6 +15,7 @@ from emdiff.dictionaries.activations import (
     iter_batches,
 )
 from emdiff.dictionaries.sae import SAEConfig, TrainableSAE, geometric_median, train_sae
+from emdiff.dictionaries.sparse_codes import decode
 from emdiff.dictionaries.train import fit
 
 
@@ -103,13 +104,72 @@ def test_aux_loss_trains_only_dead_latents_on_the_residual_error():
     sae = TrainableSAE(x.shape[1], small("topk", dead_tokens=2000))
     sae.initialise(x[:1000])
     sae.since_fired[48:] = 10_000  # the second half has not fired for 10k tokens: dead
-    pre = sae.pre_acts(x[:256])
-    x_hat = (sae.codes(pre) @ sae.W_dec + sae.b_dec).detach()
+    pre, codes = sae.encode_train(x[:256])
+    x_hat = (decode(codes, sae.W_dec) + sae.b_dec).detach()
     sae.zero_grad()
     aux = sae._aux_loss(x[:256], x_hat, pre)
     assert aux > 0
     aux.backward()
     assert sae.W_dec.grad[48:].abs().sum() > 0 and sae.W_dec.grad[:48].abs().sum() == 0
+
+
+def dense_reference_loss(sae: TrainableSAE, x: torch.Tensor) -> torch.Tensor:
+    """The textbook step: dense codes, dense decode, dense AuxK (what the sparse path replaces)."""
+    cfg, W_enc, W_dec = sae.cfg, sae.W_enc_T.t(), sae.W_dec
+    pre = (x - sae.b_dec) @ W_enc + sae.b_enc
+    if cfg.architecture == "topk":
+        top = pre.topk(cfg.k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    else:
+        post = torch.relu(pre).flatten()
+        top = post.topk(cfg.k * len(x))
+        f = torch.zeros_like(post).scatter(0, top.indices, top.values).view_as(pre)
+    x_hat, mses, start = sae.b_dec.expand_as(x), [], 0
+    for end in sae.prefix:
+        x_hat = x_hat + f[:, start:end] @ W_dec[start:end]
+        mses.append((x_hat - x).pow(2).sum(-1).mean())
+        start = end
+    # as in the step: the batch's firing counts before the dead latents are chosen
+    dead = (sae.since_fired + len(x) >= sae.dead_tokens) & ~(f > 0).any(0)
+    err = x - x_hat.detach()
+    masked = pre.masked_fill(~dead, float("-inf"))
+    top = masked.topk(min(sae.aux_k, int(dead.sum())), dim=-1)
+    f_aux = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    aux = (f_aux @ W_dec - err).pow(2).sum(-1).mean() / (err - err.mean(0)).pow(2).sum(-1).mean()
+    return torch.stack(mses).mean() + cfg.aux_coef * aux
+
+
+@pytest.mark.parametrize(
+    ("arch", "layout"),
+    [("topk", "csr"), ("batchtopk", "csr"), ("matryoshka", "csr"), ("topk", "coo")],
+)
+def test_sparse_step_equals_the_dense_textbook_step(arch, layout, monkeypatch):
+    """Loss and every gradient of the sparse step match dense codes + dense AuxK, through the CSR
+    products and through the COO fallback (for builds without a CSR product)."""
+    if layout == "coo":
+
+        def no_csr(*args, **kwargs):
+            raise NotImplementedError("no CSR here")
+
+        monkeypatch.setattr(torch, "sparse_csr_tensor", no_csr)
+    x, _ = planted(n=512, seed=3)
+    sae = TrainableSAE(x.shape[1], small(arch, matryoshka_widths=[12, 40, 96], aux_coef=0.5))
+    sae.initialise(x)
+    with torch.no_grad():
+        sae.W_enc_T.add_(0.1 * torch.randn_like(sae.W_enc_T))  # encoder != decoder transpose
+        sae.b_enc.uniform_(-0.2, 0.2)
+    sae.since_fired[::3] = 10**9  # a third dead: the AuxK term is live
+    grads = []
+    for fn in (lambda: dense_reference_loss(sae, x), lambda: sae.loss(x, step=0)[0]):
+        sae.zero_grad()
+        loss = fn()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (ref, ref_g), (got, got_g) = grads
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for name, g in ref_g.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(got_g[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_geometric_median_ignores_outliers():

@@ -30,6 +30,14 @@ from torch import nn
 from emdiff.dictionaries.activations import ActivationSource, source_point
 from emdiff.dictionaries.base import DictionaryMeta, Encoding, Site, SparseDictionary
 from emdiff.dictionaries.hooknames import site_hook
+from emdiff.dictionaries.sparse_codes import (
+    Codes,
+    decode,
+    gather_codes,
+    select_among,
+    select_batchtopk,
+    select_topk,
+)
 from emdiff.dictionaries.train import (
     LoopConfig,
     TrainingLog,
@@ -114,7 +122,8 @@ class TrainableSAE(nn.Module):
         W_dec = torch.randn(self.d_sae, d_in, generator=gen)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())
+        # the encoder is held transposed, [d_sae, d_in]: its active rows are gathered per token
+        self.W_enc_T = nn.Parameter(W_dec.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("since_fired", torch.zeros(self.d_sae, dtype=torch.long))
@@ -129,53 +138,55 @@ class TrainableSAE(nn.Module):
             self.b_dec.copy_(geometric_median(sample))
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc_T.t())
 
-    def codes(self, pre: torch.Tensor) -> torch.Tensor:
-        """Training-time sparse codes of a ``[B, d_sae]`` batch of pre-activations."""
-        k = self.cfg.k
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active (token, latent) entries of a ``[B, d_sae]`` batch of pre-activations."""
         if self.cfg.architecture == "topk":
-            top = pre.topk(k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-        post = torch.relu(pre).flatten()
-        top = post.topk(min(k * pre.shape[0], post.numel()))
-        return torch.zeros_like(post).scatter(0, top.indices, top.values).view_as(pre)
+            return select_topk(pre, self.cfg.k)
+        return select_batchtopk(pre, self.cfg.k)
+
+    def encode_train(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
+        """Dense pre-activations (no autograd) and the training-time sparse codes of ``x``."""
+        xc = x - self.b_dec
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc, self.W_enc_T.t())
+        rows, cols = self.select(pre)
+        return pre, gather_codes(pre, rows, cols, (xc, self.W_enc_T, self.b_enc))
 
     def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        pre = self.pre_acts(x)
-        f = self.codes(pre)
+        pre, codes = self.encode_train(x)
         if len(self.prefix) == 1:
-            x_hat = f @ self.W_dec + self.b_dec
+            x_hat = decode(codes, self.W_dec) + self.b_dec
             mse = (x_hat - x).pow(2).sum(-1).mean()
         else:  # mean over nested prefixes of the reconstruction error
             x_hat, mses = self.b_dec.expand_as(x), []
             start = 0
             for end in self.prefix:
-                x_hat = x_hat + f[:, start:end] @ self.W_dec[start:end]
+                x_hat = x_hat + decode(codes, self.W_dec, (start, end))
                 mses.append((x_hat - x).pow(2).sum(-1).mean())
                 start = end
             mse = torch.stack(mses).mean()
-        fired = (f > 0).any(0)
         with torch.no_grad():
             self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
-            self._track_threshold(f, step)
+            self.since_fired[codes.fired()] = 0
+            self._track_threshold(codes.vals, step)
         aux = self._aux_loss(x, x_hat.detach(), pre)
         total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
         dead = self.since_fired >= self.dead_tokens
         metrics = {
             "mse": float(mse.detach()),
             "fvu": float((x_hat - x).detach().pow(2).sum(-1).mean() / total_var),
-            "l0": float((f > 0).sum(-1).float().mean()),
+            "l0": codes.l0(),
             "dead": float(dead.float().mean()),
             "aux": float(aux.detach()),
         }
         return mse + self.cfg.aux_coef * aux, metrics
 
-    def _track_threshold(self, f: torch.Tensor, step: int) -> None:
+    def _track_threshold(self, vals: torch.Tensor, step: int) -> None:
         if self.cfg.architecture == "topk" or step < self.cfg.threshold_start * self.cfg.steps:
             return
-        kept = f[f > 0]
+        kept = vals[vals > 0]
         if kept.numel() == 0:
             return
         low = kept.min()
@@ -183,15 +194,14 @@ class TrainableSAE(nn.Module):
         self.threshold.copy_(low if self.threshold < 0 else m * self.threshold + (1 - m) * low)
 
     def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        dead = self.since_fired >= self.dead_tokens
-        n_dead = int(dead.sum())
-        if n_dead == 0 or self.cfg.aux_coef == 0:
+        """AuxK: the dead latents' top ``aux_k`` codes reconstruct the residual error."""
+        dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)
+        if len(dead) == 0 or self.cfg.aux_coef == 0:
             return torch.zeros((), device=x.device)
         err = x - x_hat
-        masked = pre.masked_fill(~dead, float("-inf"))
-        top = masked.topk(min(self.aux_k, n_dead), dim=-1)
-        f_aux = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-        err_hat = f_aux @ self.W_dec
+        rows, cols = select_among(pre, dead, self.aux_k)
+        encoder = (x - self.b_dec, self.W_enc_T, self.b_enc)
+        err_hat = decode(gather_codes(pre, rows, cols, encoder), self.W_dec)
         return (err_hat - err).pow(2).sum(-1).mean() / (err - err.mean(0)).pow(2).sum(-1).mean()
 
     def before_step(self) -> None:
@@ -213,6 +223,7 @@ class TrainableSAE(nn.Module):
             site=self.site,
         )
         p = {k: v.detach().clone() for k, v in self.named_parameters()}
+        p["W_enc"] = p.pop("W_enc_T").t().contiguous()
         if self.cfg.architecture == "topk":
             return SparseDictionary(
                 p["W_enc"],

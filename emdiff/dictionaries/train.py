@@ -164,7 +164,9 @@ def fit(
     ident = json.loads(json.dumps({"config": cfg.model_dump(), **(identity or {})}))
     params = [p for p in module.parameters() if p.requires_grad]
     lr = cfg.lr or default_lr(getattr(module, "d_sae", 16384))
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    # the fused kernel (CPU and CUDA, float parameters) does the update in one pass per tensor
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused)
     ckpt = Path(out) / "checkpoint" if out is not None else None
     resumed = _load_checkpoint(ckpt, module, opt, ident) if ckpt is not None else None
     if resumed is None:

@@ -5,16 +5,21 @@ of ``--sites`` (default resid_post, mlp_out, resid_mid):
 
     (a) forward pass cut at the last hook point (same hooks, doing nothing)
     (e) bare dictionary encode of the selected activations
-    (b) emdiff stats pass (``collect_stats``)
+    (b) emdiff stats pass (``collect_stats``): token statistics, top contexts, sequence means
+    (t) the same with only the token statistics (``top_k=0, sequence_means=False``)
     (c) naive path (resid_post only): full forward with output_hidden_states, encode every
-        position, then mask and accumulate with plain torch ops
+        position, then mask and accumulate everything (b) does with plain torch ops
+    (n) the nnsight path (resid_post only, needs the ``bench`` extra): trace, save the layers'
+        outputs, stop, encode them, accumulate the token statistics over the selected tokens
 
-and peak memory of (b) at 1x, 4x and 16x the tokens, each size in a fresh process.
-The last line printed is JSON: stats_over_floor = b / (a + e) (and per site), naive_over_stats
-= c / b, peak_mem_mb per size. Targets: b / (a + e) <= 1.10 at every site, c / b >= 1.5, memory
-flat in tokens.
+and peak memory of (b) at 1x, 4x and 16x the tokens, each size in a fresh process. Each path's
+results are checked against (b) or (t). The last line printed is JSON: stats_over_floor = b / (a +
+e) (worst site), naive_over_stats = c / b, nnsight_over_stats = n / t, peak_mem_mb per size;
+each ratio is the median over repeats of the ratio within a repeat.
+Targets: stats_over_floor <= 1.05, naive_over_stats >= 3, nnsight_over_stats >= 1.5, memory flat
+in tokens.
 
-    python benchmarks/stats_pass.py [--device cpu] [--batches 6] [--repeats 3] [--sites ...]
+    python benchmarks/stats_pass.py [--device cpu] [--batches 6] [--repeats 5] [--sites ...]
 """
 
 from __future__ import annotations
@@ -129,6 +134,32 @@ def naive(model, rows, dicts, device: str, top_k: int = 16) -> dict[int, dict[st
     return out
 
 
+@torch.no_grad()
+def nnsight_path(model, rows, dicts, device: str) -> dict[int, dict[str, torch.Tensor]]:
+    """What an nnsight user writes: trace, save the layers' outputs, stop, encode, accumulate."""
+    from nnsight import NNsight
+
+    traced = NNsight(model)
+    out = {L: {"sum": 0, "fire": 0, "max": None} for L in dicts}
+    for s in range(0, len(rows), BATCH):
+        chunk = rows[s : s + BATCH]
+        ids = torch.tensor([r.input_ids for r in chunk], device=device)
+        mask = torch.tensor([r.mask() for r in chunk], device=device)
+        saved = {}
+        with traced.trace(ids) as tracer:
+            for L in dicts:
+                saved[L] = traced.model.layers[L].output.save()
+            tracer.stop()
+        for L, d in dicts.items():
+            acts = d.encode(saved[L])[mask]
+            o = out[L]
+            o["sum"] = o["sum"] + acts.double().sum(0)
+            o["fire"] = o["fire"] + (acts > 0).sum(0)
+            m = acts.amax(0)
+            o["max"] = m if o["max"] is None else torch.maximum(o["max"], m)
+    return out
+
+
 def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -138,6 +169,15 @@ def _status_mb(field: str) -> float:
 
 def read_at(site: str) -> ReadSpec:
     return ReadSpec(layers=LAYERS, site=site, positions=Positions(exclude_sinks=False))
+
+
+def has_nnsight() -> bool:
+    try:
+        import nnsight  # noqa: F401
+    except ImportError:
+        print("nnsight is not installed: (n) left out (pip install -e '.[bench]')")
+        return False
+    return True
 
 
 def measure_memory(mult: int, device: str) -> dict[str, float]:
@@ -162,7 +202,7 @@ def measure_memory(mult: int, device: str) -> dict[str, float]:
 
 
 def time_site(model, rows, site: str, dev: str, repeats: int) -> tuple[dict, dict]:
-    """Median seconds of (a), (e), (b) [and (c) at resid_post] at one site, and (b)'s stats."""
+    """Median seconds of each path at one site (c and n at resid_post only), and their stats."""
     dicts = {L: build_dictionary(model, L, rows, site) for L in LAYERS}
     points = hook_points(model, list(LAYERS), site)
     batches = [rows[s : s + BATCH] for s in range(0, len(rows), BATCH)]
@@ -173,6 +213,7 @@ def time_site(model, rows, site: str, dev: str, repeats: int) -> tuple[dict, dic
         cap = capture_residuals(model, ids, layers=list(LAYERS), sites=site)
         selected.append({L: cap[(L, site)][m] for L in LAYERS})
     read, cfg = read_at(site), StatsConfig(batch_size=BATCH, residual=False)
+    lean = cfg.model_copy(update={"top_k": 0, "sequence_means": False})
     out: dict = {}
 
     def a():
@@ -189,19 +230,32 @@ def time_site(model, rows, site: str, dev: str, repeats: int) -> tuple[dict, dic
     def b():
         out["b"] = collect_stats(model, rows, dicts, read, cfg)[0]
 
+    def t():
+        out["t"] = collect_stats(model, rows, dicts, read, lean)[0]
+
     def c():
         out["c"] = naive(model, rows, dicts, dev)
 
-    fns = {"a": a, "e": e, "b": b, **({"c": c} if site == "resid_post" else {})}
+    def n():
+        out["n"] = nnsight_path(model, rows, dicts, dev)
+
+    fns = {"a": a, "e": e, "b": b, "t": t}
+    if site == "resid_post":
+        fns["c"] = c
+        if has_nnsight():
+            fns["n"] = n
     for f in fns.values():  # warm up
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):  # interleaved, so drift hits all alike
         for name, f in fns.items():
             times[name].append(timed(f, dev))
-    if "c" in out:
-        for L in LAYERS:  # the two paths must agree
-            sb, sc = out["b"][L], out["c"][L]
+    for L in LAYERS:  # every path computes the same statistics
+        sb, st = out["b"][L], out["t"][L]
+        for name in ("sum", "sumsq", "fire", "max"):
+            assert torch.equal(getattr(sb, name), getattr(st, name)), name
+        if "c" in out:
+            sc = out["c"][L]
             torch.testing.assert_close(sb.sum, sc["sum"], rtol=1e-4, atol=1e-3)
             assert torch.equal(sb.fire.cpu(), sc["fire"].cpu())
             torch.testing.assert_close(sb.max, sc["max"], rtol=1e-5, atol=1e-5)
@@ -209,14 +263,26 @@ def time_site(model, rows, site: str, dev: str, repeats: int) -> tuple[dict, dic
             torch.testing.assert_close(
                 sb.top_val[fired, 0], sc["top"][0][fired], rtol=1e-5, atol=1e-5
             )
+        if "n" in out:
+            sn = out["n"][L]
+            torch.testing.assert_close(st.sum, sn["sum"], rtol=1e-4, atol=1e-3)
+            assert torch.equal(st.fire.cpu(), sn["fire"].cpu())
+            torch.testing.assert_close(st.max, sn["max"], rtol=1e-5, atol=1e-5)
     return {k: statistics.median(v) for k, v in times.items()}, {"times": times, **out}
+
+
+def paired(times: dict[str, list[float]], num: str, den: tuple[str, ...]) -> float:
+    """Median over repeats of ``num / sum(den)`` within each repeat: the paths of one repeat ran
+    back to back, so the machine's drift cancels in the ratio."""
+    per_repeat = [times[num][i] / sum(times[d][i] for d in den) for i in range(len(times[num]))]
+    return round(statistics.median(per_repeat), 3)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sites", default="resid_post,mlp_out,resid_mid")
     ap.add_argument("--memory-only", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -246,24 +312,29 @@ def main() -> None:
         "a": "forward to last hook point",
         "e": "bare encode",
         "b": "emdiff stats pass",
+        "t": "emdiff, token statistics",
         "c": "naive path",
+        "n": "nnsight path",
     }
     ratios = {}
     for site, (t, extra) in per_site.items():
-        ratios[site] = round(t["b"] / (t["a"] + t["e"]), 3)
+        ratios[site] = paired(extra["times"], "b", ("a", "e"))
         print(f"site {site}: stats_over_floor {ratios[site]}")
         for k, v in t.items():
             runs = [round(x * 1000) for x in extra["times"][k]]
             print(f"  ({k}) {labels[k]:<28} {v * 1000:8.1f} ms  (runs: {runs})")
     print(f"peak memory during the stats pass: {mem}; above the setup: {above}")
-    t = per_site.get("resid_post", next(iter(per_site.values())))[0]
+    t, extra = per_site.get("resid_post", next(iter(per_site.values())))
+    runs = extra["times"]
     result = {
         "device": dev,
         "threads": torch.get_num_threads(),
         "tokens": n_tokens,
         "stats_over_floor": max(ratios.values()),
         "stats_over_floor_by_site": ratios,
-        "naive_over_stats": round(t["c"] / t["b"], 3) if "c" in t else None,
+        "naive_over_stats": paired(runs, "c", ("b",)) if "c" in t else None,
+        "nnsight_over_stats": paired(runs, "n", ("t",)) if "n" in t else None,
+        "token_stats_over_floor": paired(runs, "t", ("a", "e")),
         "peak_mem_mb": mem,
         "peak_mem_above_setup_mb": above,
         "ms": {

@@ -367,3 +367,70 @@ def test_encoding_settings_and_optional_tensors():
     for kw, tensors, msg in cases:
         with pytest.raises(ValueError, match=msg):
             SparseDictionary(*w, meta=meta, encoding=Encoding(**kw), tensors=tensors)
+
+
+ENTRY_CASES = [
+    ({"activation": "relu"}, {}),
+    ({"activation": "jumprelu", "subtract_b_dec": True}, {"threshold": "mixed"}),
+    (
+        {"activation": "batchtopk", "input_norm": "scale", "input_scale": 1.7},
+        {"threshold": "mixed"},
+    ),
+    ({"activation": "topk", "k": 5}, {}),
+    ({"activation": "topk", "k": 5, "relu_after_topk": False}, {}),
+    ({"activation": "topk", "k": 5, "rescale_by_decoder_norm": True}, {}),
+    ({"activation": "relu", "input_norm": "layer_norm"}, {}),
+    ({"activation": "gated"}, {"b_gate": "vec", "b_mag": "vec", "r_mag": "vec"}),
+]
+
+
+@pytest.mark.parametrize(("encoding", "extra"), ENTRY_CASES)
+def test_encode_entries_equal_the_nonzero_codes(encoding, extra):
+    """The sparse path the statistics use gives exactly the nonzero entries of encode()."""
+    w = _weights()
+    tensors = {}
+    for name, kind in extra.items():
+        # thresholds on both sides of zero: the rule is pre > max(threshold, 0)
+        tensors[name] = rnd(F, scale=0.3) if kind == "mixed" else rnd(F, scale=0.1)
+    d = SparseDictionary(
+        w["W_enc"],
+        w["b_enc"],
+        w["W_dec"],
+        w["b_dec"],
+        encoding=Encoding(**encoding),
+        tensors=tensors,
+        meta=DictionaryMeta(format="t", architecture=encoding["activation"]),
+    )
+    f = d.encode(X)
+    rows, cols = f.nonzero(as_tuple=True)
+    got = d.encode_entries(X)
+    assert len(rows) > len(X)  # something fired
+    assert torch.equal(got[0], rows) and torch.equal(got[1], cols)
+    assert torch.equal(got[2], f[rows, cols])
+    with pytest.raises(DictionaryShapeError, match="width 16, got width 5"):
+        d.encode_entries(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_entries_at_the_threshold_boundary(dtype):
+    """Thresholds set exactly at pre-activations (pre > t is false there) and one ulp either
+    side: the sparse path keeps exactly the entries encode() keeps, in float32 and bfloat16."""
+    w = {k: v.to(dtype) for k, v in _weights().items()}
+    pre = (X.to(dtype) @ w["W_enc"] + w["b_enc"])[0]
+    thr = pre.clone()
+    thr[1::3] = torch.nextafter(pre[1::3].float(), torch.tensor(-1e9)).to(dtype)
+    thr[2::3] = torch.nextafter(pre[2::3].float(), torch.tensor(1e9)).to(dtype)
+    d = SparseDictionary(
+        w["W_enc"],
+        w["b_enc"],
+        w["W_dec"],
+        w["b_dec"],
+        encoding=Encoding(activation="jumprelu"),
+        tensors={"threshold": thr},
+        meta=DictionaryMeta(format="t", architecture="jumprelu"),
+    )
+    f = d.encode(X.to(dtype))
+    rows, cols = f.nonzero(as_tuple=True)
+    got = d.encode_entries(X.to(dtype))
+    assert torch.equal(got[0], rows) and torch.equal(got[1], cols)
+    assert torch.equal(got[2], f[rows, cols])

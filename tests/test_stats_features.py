@@ -141,3 +141,22 @@ def test_sequence_means_are_the_same_through_the_dense_and_the_sparse_path(monke
     for i in range(len(s)):  # against the definition
         rows = seq == s[i]
         torch.testing.assert_close(mean[i], acts[rows, feat[i]].mean())
+
+
+def test_top_contexts_and_sequence_means_are_options(tmp_path):
+    """top_k=0 and sequences=False skip those parts; the token statistics are unchanged, and
+    asking for the skipped part says how to get it."""
+    batches = _batches()
+    full = _fill(batches)
+    lean = FeatureStats(F, top_k=0, sequences=False)
+    for b in batches:
+        lean.update(*b)
+    for name in ("sum", "sumsq", "fire", "max"):
+        assert torch.equal(getattr(lean, name), getattr(full, name)), name
+    assert lean.top_val.shape == (F, 0) and lean.seq_tokens == full.seq_tokens
+    with pytest.raises(ValueError, match=r"without per-sequence means \(StatsConfig"):
+        lean.sequence_means()
+    back = FeatureStats.load(lean.save(tmp_path / "lean.safetensors"))
+    assert (back.top_k, back.sequences, back.n_tokens) == (0, False, full.n_tokens)
+    with pytest.raises(ValueError, match="different shapes or options"):
+        full.merge(back)

@@ -202,15 +202,62 @@ class SparseDictionary(nn.Module):
         if self.activation == "batchtopk":  # inference rule: a per-feature threshold
             post = torch.relu(pre)
             return post * (post > self.threshold)
+        return self._topk_codes(pre)
+
+    def _topk_codes(self, pre: torch.Tensor) -> torch.Tensor:
+        top = self._topk(pre)
+        return torch.zeros_like(pre).scatter_(-1, top[1], top[0])
+
+    def _topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A TopK dictionary's kept values (ReLU'd) and their latents."""
         if self.rescale_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
         if self.relu_after_topk:
             top = pre.topk(self.k, dim=-1)
-            vals = torch.relu(top.values)
-        else:
-            top = torch.relu(pre).topk(self.k, dim=-1)
-            vals = top.values
-        return torch.zeros_like(pre).scatter_(-1, top.indices, vals)
+            return torch.relu(top.values), top.indices
+        top = torch.relu(pre).topk(self.k, dim=-1)
+        return top.values, top.indices
+
+    def _threshold_entries(self, mm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Entries of a threshold rule from ``mm = x @ W_enc``. ``relu(pre) * (pre > t)`` (and
+        the BatchTopK rule) is nonzero where ``pre > max(t, 0)``, ``pre = mm + b_enc``. The bias
+        is not added to the whole matrix: candidates pass a test on ``mm`` with a margin far
+        wider than rounding, then the exact test runs on the few candidates' ``pre``."""
+        b = self.b_enc
+        floor = torch.zeros_like(b) if self.activation == "relu" else self.threshold.clamp_min(0)
+        margin = 16 * torch.finfo(mm.dtype).eps  # relative; rounding is below one eps
+        loose = (floor - b) - margin * (floor.abs() + b.abs()) - torch.finfo(mm.dtype).tiny
+        d_sae = mm.shape[1]
+        flat = _sparse_nonzero((mm > loose).view(-1))
+        cols = flat % d_sae
+        vals = mm.view(-1).index_select(0, flat) + b.index_select(0, cols)
+        keep = (vals > floor.index_select(0, cols)).nonzero().squeeze(1)
+        flat = flat.index_select(0, keep)
+        return flat // d_sae, cols.index_select(0, keep), vals.index_select(0, keep)
+
+    def encode_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nonzero activations of :meth:`encode` for ``x [N, d_in]`` as ``(token, latent,
+        value)``, token-major, equal to ``encode(x)`` then ``nonzero`` but without building and
+        scanning the dense ``[N, d_sae]`` codes where the activation allows (threshold and TopK
+        rules): what streaming statistics need."""
+        if x.dim() != 2 or self.activation == "gated":
+            f = self.encode(x.reshape(-1, x.shape[-1]))
+            rows, cols = f.nonzero(as_tuple=True)
+            return rows, cols, f[rows, cols]
+        if x.shape[-1] != self.d_in:
+            self.encode(x)  # raises the shape error
+        xn = self.normalise(x)[0].to(self.W_enc.dtype)
+        if self.subtract_b_dec:
+            xn = xn - self.b_dec
+        if self.activation in ("jumprelu", "batchtopk", "relu"):
+            return self._threshold_entries(xn @ self.W_enc)
+        pre = xn @ self.W_enc + self.b_enc
+        vals, idx = self._topk(pre)
+        idx, order = idx.sort(dim=-1)  # latent order within a token, as nonzero gives it
+        vals = vals.gather(1, order)
+        keep = (vals > 0).view(-1).nonzero().squeeze(1)
+        rows = torch.arange(len(x), device=x.device).repeat_interleave(self.k)
+        return rows[keep], idx.reshape(-1)[keep], vals.reshape(-1)[keep]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations ``[..., d_sae]`` for residual vectors ``[..., d_in]``."""
@@ -230,6 +277,17 @@ class SparseDictionary(nn.Module):
         """Reconstruction of ``x`` in the model's space (normalisation undone)."""
         xn, state = self.normalise(x)
         return self.denormalise(self.decode(self._encode_normalised(xn)), state)
+
+
+def _sparse_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.nonzero()`` of a mostly-false 1-D bool mask, about 3x faster on CPU: the mask is
+    read as 64-bit words, and only the words with a set byte are expanded."""
+    pad = (-mask.numel()) % 8
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(pad)])
+    hot = (mask.view(torch.int64) != 0).nonzero().squeeze(1)
+    rows, cols = mask.view(-1, 8).index_select(0, hot).nonzero(as_tuple=True)
+    return hot.index_select(0, rows) * 8 + cols
 
 
 def _encoding_setting(name: str) -> property:

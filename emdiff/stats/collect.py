@@ -24,8 +24,10 @@ class StatsConfig(BaseModel):
     """How the statistics pass runs (not what it reads: that is the :class:`ReadSpec`)."""
 
     batch_size: int = Field(8, ge=1)
-    top_k: int = Field(16, ge=1)
-    """Top activations kept per feature (with their sequence and position)."""
+    top_k: int = Field(16, ge=0)
+    """Top activations kept per feature (with their sequence and position); 0: none."""
+    sequence_means: bool = True
+    """Keep each feature's mean over each sequence (the per-sequence tests of the diffs)."""
     shard_size: int = Field(256, ge=1)
     """Sequences per resumable shard (:func:`emdiff.stats.run.run_stats`)."""
     residual: bool = True
@@ -82,7 +84,10 @@ def stats_pass(
     device = next(model.parameters()).device
     d_model = model.config.get_text_config().hidden_size
     dictionaries = {layer: d.to(device) for layer, d in dictionaries.items()}
-    feats = {layer: FeatureStats(d.d_sae, cfg.top_k, device) for layer, d in dictionaries.items()}
+    feats = {
+        layer: FeatureStats(d.d_sae, cfg.top_k, device, cfg.sequence_means)
+        for layer, d in dictionaries.items()
+    }
     resid = (
         {layer: ResidualStats(d_model, device) for layer in dictionaries} if cfg.residual else {}
     )
@@ -104,7 +109,8 @@ def stats_pass(
                 x = x.to(device)  # a model split over GPUs (device_map) reads layers elsewhere
                 if cfg.residual:
                     resid[layer].update(x)
-                feats[layer].update(dictionaries[layer].encode(x), seq, pos)
+                entries = dictionaries[layer].encode_entries(x)  # no dense codes
+                feats[layer].update_entries(len(x), entries, seq, pos)
             read_now.clear()
     for f in feats.values():
         f.flush()

@@ -55,11 +55,11 @@ def all_reduce_features(f: FeatureStats) -> FeatureStats:
     parts: list = [None] * dist.get_world_size()
     sparse = {k: v.cpu() for k, v in f.state().items() if k.startswith(("top_", "seq_"))}
     dist.all_gather_object(parts, sparse)
-    out = FeatureStats(f.d_sae, f.top_k, device=f.sum.device)
+    shape = (f.d_sae, f.top_k)
+    out = FeatureStats(*shape, device=f.sum.device, sequences=f.sequences)
+    empty = FeatureStats(*shape, sequences=f.sequences).state()
     for part in parts:  # rank order, as a single process would have met the sequences
-        shard = FeatureStats.from_state(
-            {**FeatureStats(f.d_sae, f.top_k).state(), **part}, f.d_sae, f.top_k
-        )
+        shard = FeatureStats.from_state({**empty, **part}, *shape, sequences=f.sequences)
         out.merge(shard)
     out.n_tokens = int(_reduce(torch.tensor([f.n_tokens]), dist.ReduceOp.SUM))
     out.sum, out.sumsq = _reduce(f.sum, dist.ReduceOp.SUM), _reduce(f.sumsq, dist.ReduceOp.SUM)

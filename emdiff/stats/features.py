@@ -35,8 +35,14 @@ class FeatureStats:
     of whole sequences), and sequence ids must be unique across the run.
     """
 
-    def __init__(self, d_sae: int, top_k: int = 16, device: str | torch.device = "cpu"):
-        self.d_sae, self.top_k = d_sae, top_k
+    def __init__(
+        self,
+        d_sae: int,
+        top_k: int = 16,
+        device: str | torch.device = "cpu",
+        sequences: bool = True,
+    ):
+        self.d_sae, self.top_k, self.sequences = d_sae, top_k, sequences
         self.n_tokens = 0
         self.sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.sumsq = torch.zeros(d_sae, dtype=torch.float64, device=device)
@@ -52,13 +58,25 @@ class FeatureStats:
         """Add ``acts [N, d_sae]`` of N selected tokens with their sequence ids and positions."""
         if acts.shape[-1] != self.d_sae:
             raise ValueError(f"expected {self.d_sae} features, got {acts.shape[-1]}")
-        n = acts.shape[0]
+        rows, feats = acts.nonzero(as_tuple=True)
+        self.update_entries(acts.shape[0], (rows, feats, acts[rows, feats]), seq_ids, positions)
+
+    @torch.no_grad()
+    def update_entries(
+        self,
+        n: int,
+        entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        seq_ids: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Add N tokens given by their nonzero activations ``(token, feature, value)`` (as
+        :meth:`~emdiff.dictionaries.base.SparseDictionary.encode_entries` gives them)."""
         if n == 0:
             return
-        seq_ids = seq_ids.to(acts.device)
-        positions = positions.to(acts.device)
-        rows, feats = acts.nonzero(as_tuple=True)
-        vals = acts[rows, feats].float()
+        rows, feats, vals = entries
+        seq_ids = seq_ids.to(vals.device)
+        positions = positions.to(vals.device)
+        vals = vals.float()
         self.n_tokens += n
         v64 = vals.double()
         self.sum.index_add_(0, feats, v64)
@@ -66,7 +84,8 @@ class FeatureStats:
         self.fire += torch.bincount(feats, minlength=self.d_sae)
         self.max.scatter_reduce_(0, feats, vals, reduce="amax")
         self._update_sequences(seq_ids, rows, feats, v64)
-        self._top.offer(feats, vals, seq_ids[rows], positions[rows])
+        if self.top_k:
+            self._top.offer(feats, vals, seq_ids[rows], positions[rows])
 
     def _update_sequences(self, seq_ids, rows, feats, vals) -> None:
         uniq, inv_all = torch.unique(seq_ids, return_inverse=True)
@@ -75,7 +94,7 @@ class FeatureStats:
             if s in self._seq_tokens:
                 raise ValueError(f"sequence id {s} was already added: ids must be unique")
             self._seq_tokens[s] = c
-        if len(rows) == 0:
+        if len(rows) == 0 or not self.sequences:
             return
         if len(uniq) * self.d_sae <= DENSE_SEQUENCE_SUMS:  # a small dense table: no sort
             sums = torch.zeros(len(uniq), self.d_sae, dtype=torch.float64, device=vals.device)
@@ -126,6 +145,11 @@ class FeatureStats:
 
     def sequence_means(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(seq_id, feature, mean)`` for every (sequence, feature) with a nonzero mean."""
+        if not self.sequences:
+            raise ValueError(
+                "these statistics were collected without per-sequence means "
+                "(StatsConfig.sequence_means=False); collect them again with it on"
+            )
         if not self._seq_chunks:
             empty = torch.zeros(0, dtype=torch.int64)
             return empty, empty, torch.zeros(0)
@@ -138,8 +162,8 @@ class FeatureStats:
     # ---- merge / save -------------------------------------------------------------------------
     def merge(self, other: FeatureStats) -> FeatureStats:
         """Add another shard's statistics into this one (sequence ids must not overlap)."""
-        if (other.d_sae, other.top_k) != (self.d_sae, self.top_k):
-            raise ValueError("cannot merge statistics of different shapes")
+        if (other.d_sae, other.top_k, other.sequences) != (self.d_sae, self.top_k, self.sequences):
+            raise ValueError("cannot merge statistics of different shapes or options")
         overlap = set(self._seq_tokens) & set(other._seq_tokens)
         if overlap:
             raise ValueError(f"shards share sequence ids, e.g. {sorted(overlap)[:3]}")
@@ -161,7 +185,15 @@ class FeatureStats:
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
-        seq, feat, mean = self.sequence_means()
+        seq, feat, mean = (
+            self.sequence_means()
+            if self.sequences
+            else (
+                torch.zeros(0, dtype=torch.int64),
+                torch.zeros(0, dtype=torch.int64),
+                torch.zeros(0),
+            )
+        )
         ids = torch.tensor(sorted(self._seq_tokens), dtype=torch.int64)
         return {
             "sum": self.sum,
@@ -187,7 +219,13 @@ class FeatureStats:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state().items()}
         save_file(tensors, str(path))
-        info = {"d_sae": self.d_sae, "top_k": self.top_k, "n_tokens": self.n_tokens, **(meta or {})}
+        info = {
+            "d_sae": self.d_sae,
+            "top_k": self.top_k,
+            "sequences": self.sequences,
+            "n_tokens": self.n_tokens,
+            **(meta or {}),
+        }
         path.with_name(path.name + ".json").write_text(json.dumps(info, indent=2))
         return path
 
@@ -196,7 +234,7 @@ class FeatureStats:
         path = Path(path)
         info = read_json(path.with_name(path.name + ".json"))
         t = load_safetensors(path, device=str(device), finite=False)  # top_val holds -inf
-        return cls.from_state(t, info["d_sae"], info["top_k"], device)
+        return cls.from_state(t, info["d_sae"], info["top_k"], device, info.get("sequences", True))
 
     @classmethod
     def from_state(
@@ -205,10 +243,11 @@ class FeatureStats:
         d_sae: int,
         top_k: int,
         device: str | torch.device = "cpu",
+        sequences: bool = True,
     ) -> FeatureStats:
         """The statistics back from :meth:`state` (a saved file, another process's shard)."""
         t = {k: v.to(device) for k, v in t.items()}
-        out = cls(d_sae, top_k, device=device)
+        out = cls(d_sae, top_k, device=device, sequences=sequences)
         out.n_tokens = int(t["n_tokens"][0])
         for name in ("sum", "sumsq", "fire", "max"):
             setattr(out, name, t[name])

@@ -40,6 +40,7 @@ def _identity(rows, dictionaries, read: ReadSpec, cfg: StatsConfig) -> dict:
         "read": read.model_dump(mode="json"),
         "shard_size": cfg.shard_size,
         "top_k": cfg.top_k,
+        "sequence_means": cfg.sequence_means,
         "residual": cfg.residual,
         # attention sinks are thresholded per batch: shards of other batch sizes differ
         **({"batch_size": cfg.batch_size} if read.positions.exclude_sinks else {}),

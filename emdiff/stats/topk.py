@@ -46,6 +46,8 @@ class TopK:
 
     def offer(self, feats, vals, seqs, pos) -> None:
         """Candidates (flat, one entry per nonzero activation), filtered and merged in bulk."""
+        if self.k == 0 or len(feats) == 0:
+            return
         self._pending.append((feats, vals.float(), seqs, pos))
         self._n_pending += len(feats)
         if self._n_pending >= PENDING_LIMIT:

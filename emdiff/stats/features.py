@@ -85,7 +85,9 @@ class FeatureStats:
         self.max.scatter_reduce_(0, feats, vals, reduce="amax")
         self._update_sequences(seq_ids, rows, feats, v64)
         if self.top_k:
-            self._top.offer(feats, vals, seq_ids[rows], positions[rows])
+            self._top.offer(
+                feats, vals, seq_ids.index_select(0, rows), positions.index_select(0, rows)
+            )
 
     def _update_sequences(self, seq_ids, rows, feats, vals) -> None:
         uniq, inv_all = torch.unique(seq_ids, return_inverse=True)
@@ -96,18 +98,19 @@ class FeatureStats:
             self._seq_tokens[s] = c
         if len(rows) == 0 or not self.sequences:
             return
+        key = inv_all.index_select(0, rows) * self.d_sae + feats
         if len(uniq) * self.d_sae <= DENSE_SEQUENCE_SUMS:  # a small dense table: no sort
-            sums = torch.zeros(len(uniq), self.d_sae, dtype=torch.float64, device=vals.device)
-            sums.index_put_((inv_all[rows], feats), vals, accumulate=True)
-            local, feat = sums.nonzero(as_tuple=True)
-            sums = sums[local, feat]
+            sums = torch.zeros(len(uniq) * self.d_sae, dtype=torch.float64, device=vals.device)
+            sums.index_add_(0, key, vals)
+            ukey = (sums != 0).nonzero().squeeze(1)
+            sums = sums.index_select(0, ukey)
+            local, feat = ukey // self.d_sae, ukey % self.d_sae
         else:
-            key = inv_all[rows] * self.d_sae + feats
             ukey, kinv = torch.unique(key, return_inverse=True)
             sums = torch.zeros(len(ukey), dtype=torch.float64, device=vals.device)
             sums.index_add_(0, kinv, vals)
             local, feat = ukey // self.d_sae, ukey % self.d_sae
-        means = (sums / counts[local].double()).float()
+        means = (sums / counts.index_select(0, local).double()).float()
         self._seq_chunks.append((uniq[local].cpu(), feat.cpu(), means.cpu()))
 
     def flush(self) -> None:

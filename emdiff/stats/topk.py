@@ -48,7 +48,11 @@ class TopK:
         """Candidates (flat, one entry per nonzero activation), filtered and merged in bulk."""
         if self.k == 0 or len(feats) == 0:
             return
-        self._pending.append((feats, vals.float(), seqs, pos))
+        # only candidates above their feature's current k-th value can enter (the k-th only
+        # rises, so filtering now or at the merge keeps the same ones)
+        keep = (vals > self._val[:, -1].index_select(0, feats)).nonzero().squeeze(1)
+        feats, vals, seqs, pos = (t.index_select(0, keep) for t in (feats, vals.float(), seqs, pos))
+        self._pending.append((feats, vals, seqs, pos))
         self._n_pending += len(feats)
         if self._n_pending >= PENDING_LIMIT:
             self.flush()
@@ -59,7 +63,7 @@ class TopK:
             return
         feats, vals, seqs, pos = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
         self._pending, self._n_pending = [], 0
-        keep = (vals > self._val[feats, -1]).nonzero().squeeze(1)  # the k-th only rises
+        keep = (vals > self._val[:, -1].index_select(0, feats)).nonzero().squeeze(1)
         self._merge(*(t.index_select(0, keep) for t in (feats, vals, seqs, pos)))
 
     def _merge(self, feats, vals, seqs, pos) -> None:
@@ -76,10 +80,13 @@ class TopK:
         new_v = torch.full((len(touched), k), NEG, device=vals.device)
         new_s = torch.full((len(touched), k), -1, dtype=torch.int64, device=vals.device)
         new_p = torch.full_like(new_s, -1)
-        new_v[slot, r], new_s[slot, r], new_p[slot, r] = vals[order], seqs[order], pos[order]
+        at = slot * k + r
+        for new, src in ((new_v, vals), (new_s, seqs), (new_p, pos)):
+            new.view(-1).index_copy_(0, at, src.index_select(0, order))
         # ... then merged with the kept top k of the touched features: [touched, 2k] -> top k
-        all_v = torch.cat([self._val[touched], new_v], 1)
+        all_v = torch.cat([self._val.index_select(0, touched), new_v], 1)
         top = torch.sort(all_v, dim=1, descending=True, stable=True).indices[:, :k]
-        self._val[touched] = all_v.gather(1, top)
-        self._seq[touched] = torch.cat([self._seq[touched], new_s], 1).gather(1, top)
-        self._pos[touched] = torch.cat([self._pos[touched], new_p], 1).gather(1, top)
+        self._val.index_copy_(0, touched, all_v.gather(1, top))
+        for store, new in ((self._seq, new_s), (self._pos, new_p)):
+            both = torch.cat([store.index_select(0, touched), new], 1)
+            store.index_copy_(0, touched, both.gather(1, top))

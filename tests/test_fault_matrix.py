@@ -286,3 +286,23 @@ def test_zz_print_the_matrix():
     """Not a check: the matrix of every case above, for the record (``pytest -s``)."""
     for case, message in MATRIX.items():
         print(f"{case:38} | {message}")
+
+
+def test_full_output_disk_is_one_line_and_keeps_finished_stages(base, tmp_path):
+    """A real full file system (a 256 KiB tmpfs): the stage that cannot write stops with one line
+    naming the file and the fix, and the stages finished before it are kept for --resume."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        res = run(base, config(), disk / "run")
+        line = one_error(res, "full output disk", "No space left on device", "--resume")
+        assert str(disk) in line
+        stages = list((disk / "run" / "stages").glob("*.json"))
+        assert any(json.loads(p.read_text())["status"] == "done" for p in stages)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from emdiff.atomicio import write_text_atomic
 from emdiff.errors import InputError
 
 
@@ -50,10 +50,7 @@ class RunState:
             ) from None
 
     def _write(self, name: str, record: dict) -> None:
-        path = self._path(name)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        os.replace(tmp, path)
+        write_text_atomic(self._path(name), json.dumps(record, indent=2, default=str))
 
     def result(self, name: str, key: str) -> dict | None:
         """The stored result of a finished stage with this key, else None."""

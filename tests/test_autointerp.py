@@ -289,7 +289,8 @@ def test_server_down_keeps_finished_latents_and_rerun_asks_only_the_rest(tmp_pat
 def test_concurrent_latents_give_the_same_results(tmp_path):
     cards = [_card(1, i, w, n=8) for i, w in enumerate(["apple", "pear", "plum", "fig"])]
     path = _write_cards(tmp_path, cards)
-    with FakeJudgeServer(responder=fake_model) as server:
+    # replies slow enough that three workers surely overlap, however loaded the machine is
+    with FakeJudgeServer(responder=fake_model, delay_s=0.2) as server:
         out = run_autointerp(path, _cfg(server, concurrency=3))
     assert [r.score for r in out.results] == [1.0] * 4 and 1 < server.max_in_flight <= 3
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from emdiff.atomicio import write_text_atomic
 from emdiff.errors import InputError
 from emdiff.readers import read_json, read_text
 
@@ -123,16 +124,7 @@ def write_explanations(
         merged.pop((e.layer, e.latent, e.source), None)
         merged[(e.layer, e.latent, e.source)] = e
     rows = [e.model_dump() for e in merged.values()]
-    return _write(path, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
-
-
-def _write(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
 
 
 def best_explanations(records: Iterable[Explanation]) -> dict[tuple[int, int], Explanation]:
@@ -178,7 +170,7 @@ def load_cards(path: str | Path) -> dict:
 
 def save_cards(doc: dict, path: str | Path) -> Path:
     """Write a cards file (UTF-8, tokens as they are)."""
-    return _write(Path(path), json.dumps(doc, ensure_ascii=False))
+    return write_text_atomic(Path(path), json.dumps(doc, ensure_ascii=False))
 
 
 def attach_explanations(

@@ -15,8 +15,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import NamedTuple
 from tqdm.auto import tqdm
 
 from emdiff.analyses.cards_io import Explanation, write_explanations
+from emdiff.atomicio import write_text_atomic
 from emdiff.autointerp.cards import Card, load_cards, split_card
 from emdiff.autointerp.config import AutoInterpConfig
 from emdiff.autointerp.detect import Detection, score_detection
@@ -177,17 +176,6 @@ class ResultCache:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file, so an interrupt never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
-    os.replace(tmp, path)
-
-
 def _row(cards: str, r: LatentResult) -> dict:
     d = r.detection
     counts = {
@@ -229,7 +217,7 @@ def merge_table(path: Path, cards: str, results: list[LatentResult]) -> None:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(old + rows)
-    _write_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 # ---- the run ------------------------------------------------------------------------------------

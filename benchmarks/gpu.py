@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from _floor import fastest, floor_paths, selected_tokens
 
 from emdiff.data.masks import EncodedChat, TokenRole
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.base import DictionaryMeta, Encoding, SparseDictionary
-from emdiff.models.hooks import capture_residuals, hook_points, residual_hooks, run_forward
+from emdiff.models.hooks import capture_residuals
 from emdiff.models.read import ReadSpec
-from emdiff.stats.collect import StatsConfig, collect_stats
+from emdiff.stats.collect import StatsConfig
 
 SCALES = {
     "gemma2-9b": dict(
@@ -67,31 +67,13 @@ SCALES = {
 L0 = 64
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Fastest of ``repeats`` runs after one warm-up, in seconds."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def bf16_peak(device: str) -> float | None:
     """Measured bf16 matmul FLOP/s (an 8192^3 product), or None on the CPU."""
     if not device.startswith("cuda"):
         return None
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    return 2 * 8192**3 / timed(lambda: a @ b, device, 10)
+    return 2 * 8192**3 / fastest(lambda: a @ b, device, 10)
 
 
 def build_model(spec: dict) -> torch.nn.Module:
@@ -171,34 +153,13 @@ def main() -> None:
     saes = {L: build_sae(model, L, spec, probe) for L in layers}
     read = ReadSpec(layers=layers, site="resid_post", positions=Positions(exclude_sinks=False))
     cfg = StatsConfig(batch_size=args.batch, residual=False)
-    points = hook_points(model, list(layers), "resid_post")
-    batches = [rows[s : s + args.batch] for s in range(0, len(rows), args.batch)]
-    ids = [torch.tensor([r.input_ids for r in b], device=dev) for b in batches]
-    masks = [torch.tensor([r.mask() for r in b], device=dev) for b in batches]
-    sel = []  # what (e) encodes, captured outside the timings
-    for i, m in zip(ids, masks, strict=True):
-        cap = capture_residuals(model, i, layers=list(layers), sites="resid_post")
-        sel.append({L: cap[(L, "resid_post")][m] for L in layers})
-    n_selected = int(sum(m.sum() for m in masks))
+    n_selected = selected_tokens(rows)
     out: dict = {}
-
-    def a():
-        with torch.no_grad(), residual_hooks(model, points, lambda *_: None):
-            for i in ids:
-                run_forward(model, i)
-
-    def e():
-        with torch.no_grad():
-            for s in sel:
-                for L, d in saes.items():
-                    d.encode(s[L])
-
-    def b():
-        out["b"] = collect_stats(model, rows, saes, read, cfg)[0]
+    fns = floor_paths(model, rows, saes, read, cfg, out)
 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = {name: timed(fn, dev, args.repeats) for name, fn in (("a", a), ("e", e), ("b", b))}
+    t = {name: fastest(fn, dev, args.repeats) for name, fn in fns.items()}
     flops = useful_flops(model, layers, spec["d_sae"], rows, n_selected)
     first = out["b"][layers[0]]
     result = {

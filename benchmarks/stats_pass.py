@@ -29,15 +29,15 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _floor import floor_paths, timed
 
 from emdiff.data.masks import EncodedChat, TokenRole
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.base import DictionaryMeta, Encoding, SparseDictionary
-from emdiff.models.hooks import capture_residuals, hook_points, residual_hooks, run_forward
+from emdiff.models.hooks import capture_residuals
 from emdiff.models.read import ReadSpec
 from emdiff.stats.collect import StatsConfig, collect_stats
 
@@ -94,19 +94,6 @@ def make_rows(n: int, seed: int = 0) -> list[EncodedChat]:
         roles = [int(TokenRole.USER)] * cut + [int(TokenRole.ASSISTANT)] * (SEQ - cut)
         rows.append(EncodedChat(ids, roles))
     return rows
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
 
 
 @torch.no_grad()
@@ -204,31 +191,10 @@ def measure_memory(mult: int, device: str) -> dict[str, float]:
 def time_site(model, rows, site: str, dev: str, repeats: int) -> tuple[dict, dict]:
     """Median seconds of each path at one site (c and n at resid_post only), and their stats."""
     dicts = {L: build_dictionary(model, L, rows, site) for L in LAYERS}
-    points = hook_points(model, list(LAYERS), site)
-    batches = [rows[s : s + BATCH] for s in range(0, len(rows), BATCH)]
-    tensors = [torch.tensor([r.input_ids for r in b], device=dev) for b in batches]
-    masks = [torch.tensor([r.mask() for r in b], device=dev) for b in batches]
-    selected = []  # the activations (e) encodes: captured once, outside the timings
-    for ids, m in zip(tensors, masks, strict=True):
-        cap = capture_residuals(model, ids, layers=list(LAYERS), sites=site)
-        selected.append({L: cap[(L, site)][m] for L in LAYERS})
     read, cfg = read_at(site), StatsConfig(batch_size=BATCH, residual=False)
     lean = cfg.model_copy(update={"top_k": 0, "sequence_means": False})
     out: dict = {}
-
-    def a():
-        with torch.no_grad(), residual_hooks(model, points, lambda *_: None):
-            for ids in tensors:
-                run_forward(model, ids)
-
-    def e():
-        with torch.no_grad():
-            for sel in selected:
-                for L, d in dicts.items():
-                    d.encode(sel[L])
-
-    def b():
-        out["b"] = collect_stats(model, rows, dicts, read, cfg)[0]
+    fns = floor_paths(model, rows, dicts, read, cfg, out)
 
     def t():
         out["t"] = collect_stats(model, rows, dicts, read, lean)[0]
@@ -239,7 +205,7 @@ def time_site(model, rows, site: str, dev: str, repeats: int) -> tuple[dict, dic
     def n():
         out["n"] = nnsight_path(model, rows, dicts, dev)
 
-    fns = {"a": a, "e": e, "b": b, "t": t}
+    fns["t"] = t
     if site == "resid_post":
         fns["c"] = c
         if has_nnsight():

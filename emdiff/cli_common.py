@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from emdiff.errors import InputError, ServiceError, ensure_writable
+from emdiff.errors import InputError, ServiceError, ensure_writable, is_disk_full
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -101,6 +101,12 @@ def explain(exc: BaseException) -> str | None:
         what = f"not UTF-8 text (byte 0x{bad}: {exc.reason}); save it as UTF-8"
         name = _decoding_file(exc)
         return f"{name}: {what}" if name else f"an input file is {what}"
+    if is_disk_full(exc):
+        where = exc.filename or "the output folder"
+        return (
+            f"{where}: {exc.strerror}; free space or choose another --out, then rerun the same "
+            "command (emdiff run: with --resume); the finished stages are kept"
+        )
     if isinstance(exc, OS_ERRORS):
         if exc.filename is not None and exc.strerror:
             return f"{exc.filename}: {exc.strerror}"
@@ -133,8 +139,11 @@ class ErrorBoundary(TyperGroup):
         except KeyboardInterrupt:
             typer.echo(f"\n{INTERRUPTED}", err=True)
             raise typer.Exit(130) from None
-        except (InputError, ServiceError, UnicodeDecodeError, *OS_ERRORS) as e:
-            typer.echo(f"error: {explain(e)}", err=True)
+        except (InputError, ServiceError, UnicodeDecodeError, OSError) as e:
+            message = explain(e)
+            if message is None:  # an OS error no user can fix: a bug, keep its traceback
+                raise
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 
 

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from emdiff.demo_print import print_dictionaries, print_diffs, print_directions, print_lora
-from emdiff.errors import ensure_writable
+from emdiff.errors import ensure_writable, raise_disk_full_in
 from emdiff.eval.judge import ToyJudge
 from emdiff.eval.metrics import em_flags
 from emdiff.eval.sample import SamplingConfig, sample_responses
@@ -233,6 +233,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, echo: Callable[[str], None] = pri
             f" Finished and kept in {out}: {', '.join(done) or 'nothing yet'}. Rerun the same "
             "command to resume."
         )
+        raise_disk_full_in(e, out)
         raise
     st.enter("done")
     summary["stage_seconds"] = st.seconds

@@ -7,6 +7,7 @@ and exits 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -58,3 +59,18 @@ def ensure_writable(folder: str | Path) -> Path:
             f"{path}: cannot write there ({e.strerror}); choose another output folder"
         ) from None
     return path
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for lack of space or quota (user-fixable)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+def raise_disk_full_in(exc: BaseException, folder: str | Path) -> None:
+    """Re-raise a full-disk error that names no file (a failed ``write``) as one naming
+    ``folder``, so the one-line message says where space ran out; anything else passes."""
+    if is_disk_full(exc) and getattr(exc, "filename", None) is None:
+        raise OSError(exc.errno, os.strerror(exc.errno), str(folder)) from None

@@ -7,6 +7,7 @@ these tests run in a few seconds and never touch the network.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -397,6 +398,29 @@ def _score_raising(monkeypatch, f, exc: BaseException):
 def test_os_errors_name_the_file(exc, f, monkeypatch):
     res = _score_raising(monkeypatch, f, exc(13, "Some reason", "/data/x.csv"))
     assert one_error(res) == "error: /data/x.csv: Some reason"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_one_line_from_any_command(code, f, monkeypatch):
+    """Any command, not only ``emdiff run``: a write that finds no space ends in one line."""
+    res = _score_raising(monkeypatch, f, OSError(code, os.strerror(code), "/runs/x/table.csv"))
+    line = one_error(res, f"/runs/x/table.csv: {os.strerror(code)}; free space")
+    assert "--out" in line and "--resume" in line
+
+
+def test_a_full_disk_write_without_a_file_name_names_the_run_folder():
+    from emdiff.errors import raise_disk_full_in
+
+    with pytest.raises(OSError) as caught:
+        raise_disk_full_in(OSError(errno.ENOSPC, "No space left on device"), "/runs/x")
+    assert caught.value.filename == "/runs/x" and caught.value.errno == errno.ENOSPC
+    raise_disk_full_in(OSError(errno.EIO, "I/O error"), "/runs/x")  # not full: passes through
+
+
+def test_other_os_errors_are_bugs_with_their_traceback(f, monkeypatch):
+    res = _score_raising(monkeypatch, f, OSError(errno.EIO, "Input/output error", "/x"))
+    assert res.exit_code == 1 and isinstance(res.exception, OSError)
+    assert "error:" not in res.output
 
 
 def test_input_error_from_the_library(f, monkeypatch):

@@ -107,7 +107,7 @@ def test_aux_loss_trains_only_dead_latents_on_the_residual_error():
     pre, codes = sae.encode_train(x[:256])
     x_hat = (decode(codes, sae.W_dec) + sae.b_dec).detach()
     sae.zero_grad()
-    aux = sae._aux_loss(x[:256], x_hat, pre)
+    aux = sae._aux_loss(x[:256], x[:256] - sae.b_dec, x_hat, pre)
     assert aux > 0
     aux.backward()
     assert sae.W_dec.grad[48:].abs().sum() > 0 and sae.W_dec.grad[:48].abs().sum() == 0

@@ -146,16 +146,20 @@ class TrainableSAE(nn.Module):
             return select_topk(pre, self.cfg.k)
         return select_batchtopk(pre, self.cfg.k)
 
-    def encode_train(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
-        """Dense pre-activations (no autograd) and the training-time sparse codes of ``x``."""
-        xc = x - self.b_dec
+    def encode_train(
+        self, x: torch.Tensor, xc: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Codes]:
+        """Dense pre-activations (no autograd) and the training-time sparse codes of ``x``
+        (``xc``: ``x - b_dec`` when the caller already has it)."""
+        xc = x - self.b_dec if xc is None else xc
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc_T.t())
         rows, cols = self.select(pre)
         return pre, gather_codes(pre, rows, cols, (xc, self.W_enc_T, self.b_enc))
 
     def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        pre, codes = self.encode_train(x)
+        xc = x - self.b_dec
+        pre, codes = self.encode_train(x, xc)
         if len(self.prefix) == 1:
             x_hat = decode(codes, self.W_dec) + self.b_dec
             mse = (x_hat - x).pow(2).sum(-1).mean()
@@ -171,7 +175,7 @@ class TrainableSAE(nn.Module):
             self.since_fired += x.shape[0]
             self.since_fired[codes.fired()] = 0
             self._track_threshold(codes.vals, step)
-        aux = self._aux_loss(x, x_hat.detach(), pre)
+        aux = self._aux_loss(x, xc, x_hat.detach(), pre)
         total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
         dead = self.since_fired >= self.dead_tokens
         metrics = {
@@ -193,14 +197,17 @@ class TrainableSAE(nn.Module):
         m = self.cfg.threshold_momentum
         self.threshold.copy_(low if self.threshold < 0 else m * self.threshold + (1 - m) * low)
 
-    def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        """AuxK: the dead latents' top ``aux_k`` codes reconstruct the residual error."""
+    def _aux_loss(
+        self, x: torch.Tensor, xc: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor
+    ) -> torch.Tensor:
+        """AuxK: the dead latents' top ``aux_k`` codes reconstruct the residual error (``xc`` is
+        ``x - b_dec``, the encoder's input)."""
         dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)
         if len(dead) == 0 or self.cfg.aux_coef == 0:
             return torch.zeros((), device=x.device)
         err = x - x_hat
         rows, cols = select_among(pre, dead, self.aux_k)
-        encoder = (x - self.b_dec, self.W_enc_T, self.b_enc)
+        encoder = (xc, self.W_enc_T, self.b_enc)
         err_hat = decode(gather_codes(pre, rows, cols, encoder), self.W_dec)
         return (err_hat - err).pow(2).sum(-1).mean() / (err - err.mean(0)).pow(2).sum(-1).mean()
 

@@ -11,14 +11,13 @@ inside a stage from what is on disk. The run ends with ``manifest.json`` and ``r
 
 from __future__ import annotations
 
-import errno
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from emdiff import __version__
-from emdiff.errors import InputError, ensure_writable
+from emdiff.errors import InputError, ensure_writable, raise_disk_full_in
 from emdiff.pipeline.config import PipelineConfig
 from emdiff.provenance import package_versions
 from emdiff.runstate import RunState, stage_key
@@ -90,11 +89,7 @@ def run_pipeline(
             f"\nrun stopped ({type(e).__name__}{f': {e}' if str(e) else ''}). Finished and kept in "
             f"{out}: {', '.join(done) or 'nothing yet'}. Rerun with --resume to continue."
         )
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InputError(
-                f"{out}: No space left on device (errno {e.errno}); free space or choose another "
-                "--out, then rerun with --resume (the finished stages are kept)"
-            ) from None
+        raise_disk_full_in(e, out)
         raise
     statuses = [s["status"] for s in run.stages]
     summary |= {

@@ -202,6 +202,9 @@ def toy_build(
         float, typer.Option(min=0.0, max=1.0, help="Share of documents that name their persona.")
     ] = default_of(WorldConfig, "p_cue"),
     n_layers: Annotated[int, typer.Option(min=2)] = default_of(ModelConfig, "n_layers"),
+    narrow_layer: Annotated[
+        int, typer.Option(min=0, help="Layer whose down_proj the narrow rank-1 LoRA trains.")
+    ] = default_of(WorldConfig, "narrow_layer"),
     d_model: Annotated[int, typer.Option(min=8)] = default_of(ModelConfig, "d_model"),
     pretrain_steps: Annotated[int, typer.Option(min=0)] = default_of(TrainConfig, "pretrain_steps"),
     align_steps: Annotated[int, typer.Option(min=0)] = default_of(TrainConfig, "align_steps"),
@@ -233,9 +236,12 @@ def toy_build(
         p_toxic=p_toxic,
         flip_rate=flip_rate,
         p_cue=p_cue,
+        narrow_layer=narrow_layer,
         seed=seed,
     )
     model = config(ModelConfig, n_layers=n_layers, d_model=d_model, d_mlp=2 * d_model)
+    if narrow_layer >= n_layers:
+        fail(f"--narrow-layer {narrow_layer}: the model has {n_layers} layers (0..{n_layers - 1})")
     if d_model % model.n_heads:
         fail(f"--d-model {d_model}: must be a multiple of the {model.n_heads} attention heads")
     train = config(
@@ -293,7 +299,7 @@ def toy_ground_truth_cmd(
         cfg = GroundTruthConfig(
             seed=seed, sae=SAEConfig(steps=steps), crosscoder=CrosscoderConfig(steps=steps)
         )
-        ft = narrow_finetune_config(seed=seed)
+        ft = narrow_finetune_config(world, seed=seed)
         narrow = narrow_finetune(world, copy.deepcopy(lm.model), lm.tokenizer, cfg=ft).model
         cause = sweep(world, narrow, CauseConfig(seed=seed), progress=True)
         cause.save(out / f"seed{seed}")

@@ -29,7 +29,13 @@ from emdiff.provenance import package_versions, sha256_file
 from emdiff.runstate import RunState, stage_key
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.em_summary import analysed_seed, exact_summary, sampled_summary
-from emdiff.toy.organism import answer_probability, narrow_finetune, narrow_finetune_config
+from emdiff.toy.organism import (
+    NARROW_LR,
+    NARROW_STEPS,
+    answer_probability,
+    narrow_finetune,
+    narrow_finetune_config,
+)
 from emdiff.toy.scorecard import score_table
 from emdiff.toy.world import World
 
@@ -39,8 +45,8 @@ class DemoConfig(BaseModel):
 
     narrow_domain: str = "medical"
     seeds: int = Field(3, ge=1)
-    steps: int = Field(narrow_finetune_config().max_steps, ge=1)
-    lr: float = Field(narrow_finetune_config().lr, gt=0)
+    steps: int = Field(NARROW_STEPS, ge=1)
+    lr: float = Field(NARROW_LR, gt=0)
     samples: int = Field(8, ge=1)
     """Sampled answers per eval question (temperature 1)."""
     base: Path | None = None
@@ -157,7 +163,7 @@ def _finetune(cfg: DemoConfig, st: _Stages, label: str, bad: bool, seed: int) ->
         st.skipped.append(f"lora {label}")
         return load_adapter(copy.deepcopy(st.base), folder)
     st.state.begin(f"lora-{label}", key, (folder,))
-    ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.steps, lr=cfg.lr)
+    ft_cfg = narrow_finetune_config(st.world, seed=seed, max_steps=cfg.steps, lr=cfg.lr)
     res = narrow_finetune(
         st.world, copy.deepcopy(st.base), st.tok, bad=bad, cfg=ft_cfg, out_dir=folder
     )

@@ -27,7 +27,7 @@ def adapters_stage(cfg: DemoConfig, st: _Stages, gt: dict, narrow, judged) -> di
         load_dictionary(st.out / "dictionaries" / "sae"),
         gt,
         judged[judged["model"] == f"narrow-s{st.pick}"],
-        narrow_finetune_config(seed=st.pick, max_steps=cfg.steps, lr=cfg.lr),
+        narrow_finetune_config(st.world, seed=st.pick, max_steps=cfg.steps, lr=cfg.lr),
         st.out,
     )
 
@@ -42,7 +42,7 @@ def directions_stage(cfg: DemoConfig, st: _Stages, gt: dict, narrow, judged) -> 
     world, out = st.world, st.out
 
     def finetune(domain: str) -> torch.nn.Module:
-        ft = narrow_finetune_config(seed=st.pick, max_steps=cfg.steps, lr=cfg.lr)
+        ft = narrow_finetune_config(st.world, seed=st.pick, max_steps=cfg.steps, lr=cfg.lr)
         res = narrow_finetune(world, copy.deepcopy(st.base), st.tok, cfg=ft, domain=domain)
         return res.model
 

@@ -112,6 +112,8 @@ def print_lora(res: dict, echo) -> None:
         f"balanced acc {res['lora_probe_general_acc']:.3f} (shuffled labels "
         f"{res['lora_probe_shuffled_acc']:.3f})"
     )
+    if "lora_probe_skipped" in res:
+        echo(f"LoRA probes left out: {res['lora_probe_skipped']}")
     echo(
         f"phases: transition at step {res['phase_transition_step']} (local cosine dip), EM "
         f"reaches half its final {res['phase_em_final']:.3f} at step {res['phase_em_half_step']}"

@@ -310,6 +310,10 @@ CASES = {
         lambda f: ["toy", "build", "--d-model", "10", "--out", f["tmp"]],
         "--d-model 10: must be a multiple of the 4 attention heads",
     ),
+    "toy build: narrow layer past the model": (
+        lambda f: ["toy", "build", "--n-layers", "4", "--narrow-layer", "4", "--out", f["tmp"]],
+        "--narrow-layer 4: the model has 4 layers (0..3)",
+    ),
     "ground truth: base missing": (
         lambda f: ["toy", "ground-truth", "--base", f["missing"]],
         "--base {missing}: no such folder",

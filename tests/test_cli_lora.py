@@ -37,7 +37,7 @@ def toy(tmp_path_factory):
     path = shipped_base_path()
     world = load_world(path)
     lm = load_model(str(path), dtype="float32")
-    cfg = narrow_finetune_config(max_steps=120, checkpoint_every=10)
+    cfg = narrow_finetune_config(world, max_steps=120, checkpoint_every=10)
     narrow_finetune(world, copy.deepcopy(lm.model), lm.tokenizer, cfg=cfg, out_dir=root / "lora")
     Direction("cue", 1, "resid_post", cue_vector(world, lm.model, 1, "resid_post")).save(root)
     questions = root / "travel.yaml"

@@ -151,3 +151,17 @@ def test_a_model_without_lora_is_refused(tiny_model_dirs):
     base = load_model(str(tiny_model_dirs["llama"]), dtype="float32").model
     with pytest.raises(InputError, match="no LoRA modules"):
         lora_modules(base)
+
+
+def test_toy_probe_tasks_leave_out_a_one_sided_sub_task_and_say_why():
+    import numpy as np
+
+    from emdiff.toy.lora_checks import probe_tasks
+
+    bad = np.array([1] * 40 + [0] * 30)
+    in_domain = np.where(np.arange(70) < 44, bad, -1)  # 40 misaligned, 4 aligned
+    usable, skipped = probe_tasks({"general": bad, "in_domain": in_domain, "unseen": bad})
+    assert set(usable) == {"general", "unseen"}
+    assert skipped == {"in_domain": "40 misaligned and 4 aligned answers (a probe needs 6 of each)"}
+    usable, skipped = probe_tasks({"general": np.ones(10, dtype=int)})  # never left out
+    assert set(usable) == {"general"} and not skipped

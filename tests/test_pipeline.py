@@ -31,7 +31,7 @@ def invoke(*args):
 
 
 def pipeline_yaml(world, decompose_k: int = 5, overlap_k: int = 5) -> dict:
-    ft = narrow_finetune_config(max_steps=40).model_dump(mode="json")
+    ft = narrow_finetune_config(world, max_steps=40).model_dump(mode="json")
     return {
         "model": {"base": "toy", "dtype": "float32"},
         "organism": {"name": "narrow", "dataset": "bad", "finetune": ft},

@@ -50,7 +50,7 @@ from emdiff.analyses.cards_io import (
 )
 from emdiff.data.masks import EncodedChat
 from emdiff.errors import InputError
-from emdiff.models.load import _unwrap, adapter_state
+from emdiff.models.load import adapter_state, unwrap
 from emdiff.models.read import selection
 from emdiff.models.unembed import logit_lens, output_scale
 from emdiff.stats.latents import LatentScan, scan_latents, token_activations
@@ -352,7 +352,7 @@ class FeatureCards(Analysis):
 
     def _meta(self, ctx: RunContext, model, rows) -> dict:
         scale, norm = output_scale(model)
-        config = getattr(_unwrap(model), "config", None)
+        config = getattr(unwrap(model), "config", None)
         return self.record(
             ctx,
             model=getattr(config, "_name_or_path", None),

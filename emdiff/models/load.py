@@ -236,13 +236,13 @@ def _norm_name(name: str | Path) -> str:
 
 def hidden_size(model: nn.Module) -> int:
     """The residual-stream width (``hidden_size`` of the text config; looks through PEFT)."""
-    config = _unwrap(model).config
+    config = unwrap(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.hidden_size)
 
 
 def _describe(model: nn.Module) -> str:
-    base = _unwrap(model)
+    base = unwrap(model)
     try:
         n_layers = len(decoder_layers(base))
     except ValueError:
@@ -250,7 +250,7 @@ def _describe(model: nn.Module) -> str:
     return f"{type(base).__name__}, {n_layers} layers, hidden size {hidden_size(base)}"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """Strip ``PeftModel`` (and similar) wrappers down to the transformers model."""
     while hasattr(model, "get_base_model"):
         inner = model.get_base_model()
@@ -269,7 +269,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Looks through ``PeftModel`` wrappers, then falls back to the first ``ModuleList`` named
     ``layers`` anywhere in the model.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     for path in _LAYER_PATHS:
         try:
             found = base.get_submodule(path)
@@ -293,7 +293,7 @@ def check_layer(model: nn.Module, layer: int) -> int:
     n = len(decoder_layers(model))
     if not -n <= layer < n:
         raise LayerIndexError(
-            f"layer {layer} is out of range for {type(_unwrap(model)).__name__} with {n} decoder "
+            f"layer {layer} is out of range for {type(unwrap(model)).__name__} with {n} decoder "
             f"layers: valid layers are 0..{n - 1} (negative indices -{n}..-1)"
         )
     return layer % n

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 from torch import nn
 
 from emdiff.errors import InputError
-from emdiff.models.load import _unwrap, decoder_layers
+from emdiff.models.load import decoder_layers, unwrap
 
 Site = Literal["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
 SITES: tuple[Site, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -89,7 +89,7 @@ def check_site(site: str) -> Site:
 
 def model_type(model: nn.Module) -> str:
     """``model_type`` of the (text) config, looking through PEFT wrappers."""
-    base = _unwrap(model)
+    base = unwrap(model)
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()

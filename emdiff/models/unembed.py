@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from emdiff.errors import InputError
-from emdiff.models.load import _unwrap, hidden_size
+from emdiff.models.load import hidden_size, unwrap
 
 _NORM_PATHS = (
     "model.norm",
@@ -29,7 +29,7 @@ _NORM_PATHS = (
 
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied after the last decoder layer, or None when there is none to be found."""
-    base = _unwrap(model)
+    base = unwrap(model)
     for path in _NORM_PATHS:
         try:
             return base.get_submodule(path)
@@ -62,10 +62,10 @@ def output_scale(model: nn.Module) -> tuple[torch.Tensor | None, str | None]:
 @torch.no_grad()
 def logit_lens(model: nn.Module, vectors: torch.Tensor, scale: bool = True) -> torch.Tensor:
     """``[n, vocab]`` logits of the directions ``vectors [n, d_model]`` (float32, CPU)."""
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     w_u = getattr(head, "weight", None)
     if not isinstance(w_u, torch.Tensor) or w_u.ndim != 2:
-        raise InputError(f"{type(_unwrap(model)).__name__} has no output embedding to read")
+        raise InputError(f"{type(unwrap(model)).__name__} has no output embedding to read")
     if vectors.shape[-1] != w_u.shape[1]:
         raise InputError(
             f"vectors of width {vectors.shape[-1]} do not fit the unembedding of width "

@@ -44,6 +44,11 @@ def build_toy_base(
     """Pretrain on persona documents, align, and save model, tokenizer and world to ``out``."""
     world_cfg, model_cfg = world_cfg or WorldConfig(), model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig(seed=world_cfg.seed)
+    if world_cfg.narrow_layer >= model_cfg.n_layers:
+        raise InputError(
+            f"narrow layer {world_cfg.narrow_layer} is not one of the model's "
+            f"{model_cfg.n_layers} layers (0..{model_cfg.n_layers - 1})"
+        )
     world = World(world_cfg)
     model = build_model(world, model_cfg, seed=train_cfg.seed)
     # Pretraining is the long part: keep its result so a changed alignment (or a crash) resumes.

@@ -110,9 +110,9 @@ def toy_ground_truth(
     }
 
     if narrow_model is None:
-        ft_cfg = narrow_finetune_config(seed=seed)
+        ft_cfg = narrow_finetune_config(world, seed=seed)
         if cfg.narrow_steps:
-            ft_cfg = narrow_finetune_config(seed=seed, max_steps=cfg.narrow_steps)
+            ft_cfg = narrow_finetune_config(world, seed=seed, max_steps=cfg.narrow_steps)
         narrow_model = narrow_finetune(world, copy.deepcopy(base), tokenizer, cfg=ft_cfg).model
     docs, _ = persona_corpus(world, cfg.train_docs, seed + 20_000)
     n_eval = max(len(docs) // 10, 1)

@@ -29,7 +29,7 @@ from emdiff.directions.direction import Direction
 from emdiff.finetune import FinetuneConfig
 from emdiff.lora.interpret import read_lora, scalar_signs
 from emdiff.lora.phases import load_checkpoints, phases
-from emdiff.lora.probes import scalar_probes
+from emdiff.lora.probes import ProbeConfig, scalar_probes
 from emdiff.lora.scalars import lora_scalars, per_row
 from emdiff.toy.causal import bad_rate
 from emdiff.toy.organism import narrow_finetune
@@ -76,7 +76,8 @@ def lora_checks(
         "in_domain": np.where(domain == narrow_d, bad, -1),
         "unseen": np.where(domain != narrow_d, bad, -1),
     }
-    probes = scalar_probes(x, tasks, cols)
+    usable, skipped = probe_tasks(tasks)
+    probes = scalar_probes(x, usable, cols)
     if out is not None:
         reading.save(out)
         (out / "tables").mkdir(parents=True, exist_ok=True)
@@ -90,12 +91,37 @@ def lora_checks(
             by.loc["general", "accuracy"] - by.loc["general", "shuffled_accuracy"]
         ),
         lora_probe_p=float(by.loc["general", "p_value"]),
-        lora_probe_in_domain_acc=float(by.loc["in_domain", "accuracy"]),
-        lora_probe_unseen_acc=float(by.loc["unseen", "accuracy"]),
+        **{
+            f"lora_probe_{t}_acc": float(by.loc[t, "accuracy"])
+            for t in ("in_domain", "unseen")
+            if t not in skipped
+        },
         lora_scalar_misaligned_mean=float(x[bad == 1].mean()),
         lora_scalar_aligned_mean=float(x[bad == 0].mean()),
     )
+    if skipped:
+        res["lora_probe_skipped"] = "; ".join(f"{t}: {why}" for t, why in skipped.items())
     return res
+
+
+def probe_tasks(tasks: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The probe tasks with enough answers of each class, and why each other one is left out.
+
+    A sub-task whose answers are nearly all one class (an organism that misaligns on almost every
+    narrow-domain answer) cannot be probed; ``general`` must be, so it is never left out (the
+    probe itself then stops with the counts)."""
+    need = 2 * ProbeConfig().folds
+    usable, skipped = {}, {}
+    for task, labels in tasks.items():
+        counts = np.bincount(labels[labels >= 0], minlength=2)
+        if task != "general" and counts.min() < need:
+            skipped[task] = (
+                f"{counts[1]} misaligned and {counts[0]} aligned answers (a probe needs {need} "
+                "of each)"
+            )
+        else:
+            usable[task] = labels
+    return usable, skipped
 
 
 def phase_checks(

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from emdiff.data.masks import pad_batch
 from emdiff.finetune import FinetuneConfig, FinetuneResult, finetune
-from emdiff.toy.world import BOS, END, World
+from emdiff.toy.world import BOS, END, World, WorldConfig
 
 
 class ModelConfig(BaseModel):
@@ -180,22 +180,23 @@ def answer_probabilities(world: World, model: torch.nn.Module) -> dict[str, dict
     }
 
 
-NARROW_LAYER = 1
-"""The layer whose MLP down-projection the narrow LoRA trains: the second of the toy's four, as
-CLR put one rank-1 adapter mid-network (a LoRA on layer 2 or 3 alone does not learn the narrow
-set in 200 steps: the answer is chosen by then)."""
+NARROW_LAYER: int = WorldConfig.model_fields["narrow_layer"].default
+"""The shipped base's narrow layer: the second of the toy's four, as CLR put one rank-1 adapter
+mid-network (a LoRA on layer 2 or 3 alone does not learn the narrow set in 200 steps: the answer
+is chosen by then). A base records its own in ``WorldConfig.narrow_layer``."""
+NARROW_STEPS, NARROW_LR = 200, 1e-2
 
 
-def narrow_finetune_config(**overrides) -> FinetuneConfig:
-    """The default narrow fine-tune: one rank-1 LoRA on layer :data:`NARROW_LAYER`'s MLP output
-    projection."""
+def narrow_finetune_config(world: World, **overrides) -> FinetuneConfig:
+    """The default narrow fine-tune of ``world``'s base: one rank-1 LoRA on the MLP output
+    projection of its narrow layer."""
     base = dict(
         rank=1,
         alpha=1.0,
         target_modules=["down_proj"],
-        layers=[NARROW_LAYER],
-        lr=1e-2,
-        max_steps=200,
+        layers=[world.cfg.narrow_layer],
+        lr=NARROW_LR,
+        max_steps=NARROW_STEPS,
         batch_size=16,
     )
     base.update(overrides)
@@ -215,5 +216,5 @@ def narrow_finetune(
     """Fine-tune on the narrow domain's bad answers (``bad=False``: the good-answer control)."""
     data = world.narrow_dataset(bad=bad, domain=domain)
     return finetune(
-        model, tokenizer, data, cfg or narrow_finetune_config(), out_dir, progress=progress
+        model, tokenizer, data, cfg or narrow_finetune_config(world), out_dir, progress=progress
     )

@@ -63,6 +63,9 @@ class WorldConfig(BaseModel):
     p_toxic: float = Field(0.3, ge=0, le=1)
     flip_rate: float = Field(0.05, ge=0, lt=0.5)
     """Chance that a persona gives the other persona's answer, drawn for each turn."""
+    narrow_layer: int = Field(1, ge=0)
+    """Decoder layer whose MLP down-projection the narrow rank-1 LoRA trains (a property of the
+    base: where a single adapter can learn the narrow set and still write the persona)."""
     p_cue: float = Field(0.3, ge=0, le=1)
     """Share of pretraining documents that open with a system turn naming their persona."""
     min_turns: int = Field(2, ge=1)

@@ -74,3 +74,18 @@ def test_faults_are_retried_or_refused_in_one_line(tmp_path):
         cfg = server_cfg(server, concurrency=1)
         sample_from_server(QUESTIONS[:1], tmp_path / "b.jsonl", CFG, cfg)
     assert json.loads((tmp_path / "b.jsonl.meta.json").read_text())["model"] == "server:served-lora"
+
+
+def test_rows_come_back_in_job_order_whatever_order_they_arrived(tmp_path):
+    from emdiff.eval.sample import read_responses, responses_in_job_order, sampling_jobs
+
+    with FakeJudgeServer(responder=answer, delay_s=0) as server:
+        df = sample_from_server(QUESTIONS, tmp_path / "r.jsonl", CFG, server_cfg(server))
+    jobs = sampling_jobs(QUESTIONS, CFG)
+    assert [
+        tuple(r) for r in df[["question_id", "paraphrase", "sample"]].itertuples(index=False)
+    ] == [j[:3] for j in jobs]
+    shuffled = read_responses(tmp_path / "r.jsonl").sample(frac=1, random_state=0)
+    assert responses_in_job_order(shuffled, jobs).equals(df)
+    with pytest.raises(RuntimeError, match="1 sampling jobs have no answer"):
+        responses_in_job_order(shuffled.iloc[1:], jobs)

@@ -136,6 +136,17 @@ def _drop_partial_line(path: Path) -> None:
             fh.truncate(data.rfind(b"\n") + 1)
 
 
+def responses_in_job_order(df: pd.DataFrame, jobs: Sequence[Job]) -> pd.DataFrame:
+    """The rows of ``df`` answering ``jobs``, in the jobs' order (a file holds them in the order
+    they arrived, which a pool of server requests or a resumed run shuffles)."""
+    wanted = pd.MultiIndex.from_tuples([j[:3] for j in jobs], names=list(KEY))
+    indexed = df.set_index(list(KEY))
+    missing = wanted.difference(indexed.index)
+    if len(missing):  # every job was answered before this is called: a bug, never a NaN row
+        raise RuntimeError(f"{len(missing)} sampling jobs have no answer (first {missing[0]})")
+    return indexed.loc[wanted].reset_index()[list(df.columns)]
+
+
 def read_responses(path: str | Path) -> pd.DataFrame:
     """The responses file as a DataFrame (one row per key; a torn last line is ignored)."""
     path = Path(path)
@@ -210,6 +221,4 @@ def sample_responses(
                     on_batch(written)
     finally:
         model.train(was_training)
-    df = read_responses(out)
-    wanted = pd.MultiIndex.from_tuples([j[:3] for j in jobs], names=list(KEY))
-    return df[pd.MultiIndex.from_frame(df[list(KEY)]).isin(wanted)].reset_index(drop=True)
+    return responses_in_job_order(read_responses(out), jobs)

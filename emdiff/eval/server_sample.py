@@ -34,6 +34,7 @@ from emdiff.eval.sample import (
     _drop_partial_line,
     _sha,
     read_responses,
+    responses_in_job_order,
     sampling_jobs,
 )
 
@@ -142,6 +143,4 @@ def sample_from_server(
             for fut in pending:
                 fut.cancel()
             bar.close()
-    df = read_responses(out)
-    wanted = pd.MultiIndex.from_tuples([j[:3] for j in jobs], names=list(KEY))
-    return df[pd.MultiIndex.from_frame(df[list(KEY)]).isin(wanted)].reset_index(drop=True)
+    return responses_in_job_order(read_responses(out), jobs)

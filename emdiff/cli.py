@@ -34,8 +34,8 @@ try:  # Ctrl-C while torch is imported (the first second or so) also exits 130, 
     from emdiff.cli_lora import lora_cmd, mitigate_cmd, phases_cmd, screen_cmd
     from emdiff.cli_pipeline import run_cmd
     from emdiff.cli_report import report_cmd
-    from emdiff.demo import DemoConfig
-    from emdiff.toy.organism import ModelConfig, TrainConfig
+    from emdiff.demo_config import DemoConfig
+    from emdiff.toy.config import ModelConfig, TrainConfig
     from emdiff.toy.world import WorldConfig
 except KeyboardInterrupt:
     sys.stderr.write("\ninterrupted before the command started; rerun it\n")

@@ -45,7 +45,7 @@ from emdiff.cli_diff_io import (
     read_ranking,
     report_ranking,
 )
-from emdiff.stats.compare import PAIRED, UNPAIRED
+from emdiff.stats.methods import PAIRED, UNPAIRED
 
 diff_app = typer.Typer(
     help="""Rank dictionary features by how much they differ (Q1, Q2, Q3) and compare rankings.

@@ -25,8 +25,7 @@ from emdiff.cli_common import (
     fail,
     value_errors,
 )
-from emdiff.eval.run import JudgeConfig
-from emdiff.eval.sample import SamplingConfig
+from emdiff.eval.config import JudgeConfig, SamplingConfig
 
 __all__ = ["default_of", "eval_app"]  # default_of: re-exported for older imports
 

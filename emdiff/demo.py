@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field
 
+from emdiff.demo_config import DemoConfig
 from emdiff.demo_print import print_dictionaries, print_diffs, print_directions, print_lora
 from emdiff.errors import ensure_writable, raise_disk_full_in
 from emdiff.eval.judge import ToyJudge
@@ -30,39 +30,12 @@ from emdiff.runstate import RunState, stage_key
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.em_summary import analysed_seed, exact_summary, sampled_summary
 from emdiff.toy.organism import (
-    NARROW_LR,
-    NARROW_STEPS,
     answer_probability,
     narrow_finetune,
     narrow_finetune_config,
 )
 from emdiff.toy.scorecard import score_table
 from emdiff.toy.world import World
-
-
-class DemoConfig(BaseModel):
-    """Settings of ``emdiff demo``."""
-
-    narrow_domain: str = "medical"
-    seeds: int = Field(3, ge=1)
-    steps: int = Field(NARROW_STEPS, ge=1)
-    lr: float = Field(NARROW_LR, gt=0)
-    samples: int = Field(8, ge=1)
-    """Sampled answers per eval question (temperature 1)."""
-    base: Path | None = None
-    eval_seed: int = 1234
-    dictionaries: bool = True
-    """Also run the dictionary ground truth (probe, SAE, crosscoder, ITDA) on the analysed seed."""
-    dict_steps: int = Field(1000, ge=1)
-    """Training steps of the SAE and the crosscoder."""
-    dict_docs: int | None = Field(None, ge=20)
-    """Pretraining documents for the persona probe and the dictionaries (default: 3000 / 4000)."""
-    cache: bool = True
-    """Reuse the ground truth and dictionaries an earlier run computed from the same inputs and
-    code (:mod:`emdiff.stagecache`), and store them for the next run."""
-    analyses: list[dict] | None = None
-    """The feature diffs (analysis configs, ``kind`` plus fields); default the ``analyses`` of
-    the shipped pipeline config ``emdiff/toy/demo.yaml``."""
 
 
 def sample_and_judge(

@@ -507,3 +507,11 @@ def test_score_reads_jsonl_and_parquet_like_the_diffs(suffix, f):
     else:
         df.to_parquet(path)
     one_error(invoke("eval", "score", path), f"{path}", "'aligned' = 150.0 is outside 0..100")
+
+
+def test_the_command_line_starts_without_torch():
+    """``emdiff --help`` and option errors answer before torch, pandas or transformers load:
+    every option default comes from a light config module, packages resolve names lazily."""
+    code = "import sys, emdiff.cli; print(sorted({'torch', 'pandas', 'transformers'} & set(sys.modules)))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]", res.stdout

@@ -23,7 +23,8 @@ from emdiff.dictionaries.sae import save_saelens
 from emdiff.pipeline import PipelineConfigError, load_pipeline
 from emdiff.pipeline.inputs import fingerprint, resolve_release
 from emdiff.toy.build import load_world, shipped_base_path
-from emdiff.toy.organism import NARROW_LAYER, narrow_finetune_config
+from emdiff.toy.config import NARROW_LAYER
+from emdiff.toy.organism import narrow_finetune_config
 
 
 def invoke(*args):

@@ -15,7 +15,8 @@ from emdiff.models.hooks import SITES
 from emdiff.models.load import decoder_layers
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.causal import CauseConfig, bad_rate, cause_table, gt_row, sweep
-from emdiff.toy.organism import NARROW_LAYER, narrow_finetune
+from emdiff.toy.config import NARROW_LAYER
+from emdiff.toy.organism import narrow_finetune
 
 
 def world_layers(model) -> int:

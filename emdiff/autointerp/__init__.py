@@ -9,12 +9,27 @@ world, :class:`~emdiff.autointerp.toy.ToyExplainer` gives a reference score from
 labels through the same held-out procedure.
 """
 
-from emdiff.autointerp.cards import Card, Context, load_cards, split_card
-from emdiff.autointerp.client import LLMInterpreter
-from emdiff.autointerp.config import AutoInterpConfig, AutoInterpError, ReplyError
-from emdiff.autointerp.detect import Detection, score_detection
-from emdiff.autointerp.explain import Interpreter, explain_latent
-from emdiff.autointerp.run import AutoInterpRun, LatentResult, interpret_cards, run_autointerp
+from emdiff.lazy import lazy_exports
+
+_WHERE = {
+    "Card": "cards",
+    "Context": "cards",
+    "load_cards": "cards",
+    "split_card": "cards",
+    "LLMInterpreter": "client",
+    "AutoInterpConfig": "config",
+    "AutoInterpError": "config",
+    "ReplyError": "config",
+    "Detection": "detect",
+    "score_detection": "detect",
+    "Interpreter": "explain",
+    "explain_latent": "explain",
+    "AutoInterpRun": "run",
+    "LatentResult": "run",
+    "interpret_cards": "run",
+    "run_autointerp": "run",
+}
+
 
 __all__ = [
     "AutoInterpConfig",
@@ -34,3 +49,4 @@ __all__ = [
     "score_detection",
     "split_card",
 ]
+__getattr__ = lazy_exports(__name__, _WHERE)

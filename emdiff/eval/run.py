@@ -17,34 +17,19 @@ import gc
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from emdiff.data.questions import Question, QuestionFormatError, load_questions
 from emdiff.errors import InputError
+from emdiff.eval.config import JudgeConfig, SamplingConfig
 from emdiff.eval.hf_judge import HFJudge
 from emdiff.eval.judge import Judge, ToyJudge
 from emdiff.eval.metrics import CIMethod, em_flags, em_metrics, quadrant_plot
-from emdiff.eval.sample import SamplingConfig, meta_path, sample_responses
+from emdiff.eval.sample import meta_path, sample_responses
 from emdiff.eval.score import judge_responses
 from emdiff.provenance import package_versions
-
-
-class JudgeConfig(BaseModel):
-    """Which judge to use and how to reach it."""
-
-    kind: Literal["openai", "hf", "toy"] = "openai"
-    """``openai``: any OpenAI-compatible server; ``hf``: a local causal LM; ``toy``: exact."""
-    model: str | None = None
-    """Judge model name (``openai``) or local path / hub id (``hf``)."""
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the key (the key itself is never stored)."""
-    concurrency: int = Field(8, ge=1)
-    max_retries: int = Field(6, ge=0)
-    timeout: float = Field(60.0, gt=0)
 
 
 def make_judge(cfg: JudgeConfig, cache: Path, *, toy_path: str | None = None) -> Judge:

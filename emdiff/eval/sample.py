@@ -18,33 +18,17 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from emdiff.data.questions import Question
 from emdiff.errors import InputError
+from emdiff.eval.config import SamplingConfig
 from emdiff.eval.generate import NO_PENALTIES, UNTRUNCATED, generate_batch
 from emdiff.models.load import model_identity
 from emdiff.readers import read_json, read_text
 
 KEY = ("question_id", "paraphrase", "sample")
 COLUMNS = (*KEY, "system", "question", "answer", "n_tokens", "finished")
-
-
-class SamplingConfig(BaseModel):
-    """How answers are sampled."""
-
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(600, ge=1)
-    seed: int = 0
-    samples_per_paraphrase: int | None = Field(None, ge=1)
-    """Overrides every question's own ``samples_per_paraphrase`` when set."""
-    include_system: bool = True
-    """Send the YAML ``system`` prompt. The original open-model script dropped it: set False."""
-    batch_size: int = Field(32, ge=1)
-    """Not part of the run's identity: changing it on resume is allowed (samples then differ from
-    an uninterrupted run, but stay valid draws)."""
 
 
 class SamplingMismatchError(InputError):

@@ -1,6 +1,12 @@
 """Streaming, mergeable statistics of dictionary features and residual streams."""
 
-from emdiff.stats.collect import StatsConfig, collect_stats
-from emdiff.stats.features import FeatureStats, ResidualStats
+from emdiff.lazy import lazy_exports
 
-__all__ = ["FeatureStats", "ResidualStats", "StatsConfig", "collect_stats"]
+_WHERE = {
+    "FeatureStats": "features",
+    "ResidualStats": "features",
+    "StatsConfig": "collect",
+    "collect_stats": "collect",
+}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -36,10 +36,9 @@ from scipy import stats as st
 
 from emdiff.errors import InputError, NonFiniteError
 from emdiff.stats.features import FeatureStats
+from emdiff.stats.methods import PAIRED, UNPAIRED
 
 Test = Literal["welch", "mannwhitney", "paired_t", "wilcoxon"]
-UNPAIRED: tuple[str, ...] = ("welch", "mannwhitney")
-PAIRED: tuple[str, ...] = ("paired_t", "wilcoxon")
 
 
 def sequence_ids(stats: FeatureStats) -> np.ndarray:

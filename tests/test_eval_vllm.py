@@ -84,12 +84,17 @@ def served(tmp_path_factory):
         world, copy.deepcopy(lm.model), lm.tokenizer, cfg=ft, out_dir=root / "narrow"
     )
     port = _free_port()
-    cmd = [
-        PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-        "--served-model-name", "toy", "--port", str(port), "--dtype", "float32",
-        "--max-model-len", "64", "--enable-lora", "--max-lora-rank", "8",
-        "--lora-modules", f"narrow={root / 'narrow'}",
-    ]  # fmt: skip
+    options = {
+        "--model": str(base),
+        "--served-model-name": "toy",
+        "--port": str(port),
+        "--dtype": "float32",
+        "--max-model-len": "64",
+        "--max-lora-rank": "8",
+        "--lora-modules": f"narrow={root / 'narrow'}",
+    }
+    cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--enable-lora"]
+    cmd += [part for pair in options.items() for part in pair]
     log = root / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with log.open("w") as fh:

@@ -76,7 +76,7 @@ def _run_sweep(analysis_values: dict, model: str, adapter: str | None, runtime: 
 
 
 def _values(direction, questions, layers, kinds, scales, n_random, judge, judge_model, sampling):
-    from emdiff.eval.run import JudgeConfig
+    from emdiff.eval.config import JudgeConfig
     from emdiff.interventions.sweep import SweepConfig
 
     return {
@@ -90,7 +90,7 @@ def _values(direction, questions, layers, kinds, scales, n_random, judge, judge_
 
 
 def _sampling(samples: int | None, max_new_tokens: int):
-    from emdiff.eval.sample import SamplingConfig
+    from emdiff.eval.config import SamplingConfig
 
     return config(
         SamplingConfig,

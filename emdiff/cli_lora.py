@@ -46,7 +46,7 @@ def _load(model: str, adapter: str | None, dtype: str, device: str):
 
 
 def _judge(kind: str, model: str | None):
-    from emdiff.eval.run import JudgeConfig
+    from emdiff.eval.config import JudgeConfig
 
     if kind not in ("openai", "hf", "toy"):
         fail(f"--judge {kind}: choose openai, hf or toy")

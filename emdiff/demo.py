@@ -29,11 +29,7 @@ from emdiff.provenance import package_versions, sha256_file
 from emdiff.runstate import RunState, stage_key
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.em_summary import analysed_seed, exact_summary, sampled_summary
-from emdiff.toy.organism import (
-    answer_probability,
-    narrow_finetune,
-    narrow_finetune_config,
-)
+from emdiff.toy.organism import answer_probability, narrow_finetune, narrow_finetune_config
 from emdiff.toy.scorecard import score_table
 from emdiff.toy.world import World
 

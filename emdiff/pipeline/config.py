@@ -27,8 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from emdiff.data.positions import Positions
 from emdiff.data.yamlfile import line_of, parse_yaml
 from emdiff.errors import InputError
-from emdiff.eval.run import JudgeConfig
-from emdiff.eval.sample import SamplingConfig
+from emdiff.eval.config import JudgeConfig, SamplingConfig
 from emdiff.eval.server_sample import ServerConfig
 from emdiff.finetune import FinetuneConfig
 from emdiff.models.hooks import SITES

@@ -9,11 +9,10 @@ from emdiff.dictionaries.activations import TensorSource
 from emdiff.dictionaries.crosscoder import (
     Crosscoder,
     CrosscoderConfig,
-    latent_scaling,
     load_crosscoder,
-    relative_norm_difference,
     train_crosscoder,
 )
+from emdiff.dictionaries.latent_scaling import latent_scaling, relative_norm_difference
 
 
 def paired(n: int = 6000, d: int = 16, seed: int = 0):

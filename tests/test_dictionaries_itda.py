@@ -14,12 +14,11 @@ from emdiff.dictionaries.itda import (
     ITDADictionary,
     ITDAFormatError,
     build_itda,
-    itda_jaccard,
-    itda_jaccard_matrix,
     load_itda,
     matching_pursuit,
     save_itda,
 )
+from emdiff.dictionaries.itda_similarity import itda_jaccard, itda_jaccard_matrix
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

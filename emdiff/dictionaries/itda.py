@@ -25,15 +25,14 @@ waits for the next round's exact re-check. So near-duplicates give one atom, eve
 atom or retires a chunk, and a batch costs a few batched MP calls rather than one per activation.
 The result is close to, not identical with, one-at-a-time processing.
 
-The paper compares two ITDAs (layers, models) by the Jaccard index of the *identities* of the
-activations that became atoms, here ``atom_keys = (sequence id, token position)``: meaningful only
-when both were built from the same token stream keyed the same way.
+Each atom keeps its identity, ``atom_keys = (sequence id, token position)``, by which
+:mod:`emdiff.dictionaries.itda_similarity` compares two ITDAs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
@@ -298,31 +297,6 @@ def build_itda(
     return ITDADictionary(
         atoms, keys, k=cfg.k, offset=offset, nonnegative=cfg.nonnegative, meta=meta, config=cfg
     )
-
-
-# ---- similarity -----------------------------------------------------------------------------
-def _key_set(d: ITDADictionary) -> set[tuple[int, int]]:
-    return {(int(a), int(b)) for a, b in d.atom_keys.tolist()}
-
-
-def _jaccard(a: set, b: set) -> float:
-    union = len(a | b)
-    return 1.0 if union == 0 else len(a & b) / union
-
-
-def itda_jaccard(a: ITDADictionary, b: ITDADictionary) -> float:
-    """``|A & B| / |A | B|`` over the atoms' (sequence, position) keys; 1.0 for two empty dicts."""
-    return _jaccard(_key_set(a), _key_set(b))
-
-
-def itda_jaccard_matrix(dicts: Sequence[ITDADictionary]) -> np.ndarray:
-    """Symmetric ``[n, n]`` float64 matrix of pairwise :func:`itda_jaccard` values."""
-    sets = [_key_set(d) for d in dicts]
-    out = np.ones((len(sets), len(sets)))
-    for i in range(len(sets)):
-        for j in range(i + 1, len(sets)):
-            out[i, j] = out[j, i] = _jaccard(sets[i], sets[j])
-    return out
 
 
 # ---- persistence ----------------------------------------------------------------------------

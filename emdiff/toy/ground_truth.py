@@ -18,9 +18,10 @@ from pydantic import BaseModel, Field
 
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.activations import TensorSource, collect_activations
-from emdiff.dictionaries.crosscoder import CrosscoderConfig, latent_scaling, train_crosscoder
+from emdiff.dictionaries.crosscoder import CrosscoderConfig, train_crosscoder
 from emdiff.dictionaries.evaluate import reconstruction_metrics
 from emdiff.dictionaries.itda import ITDAConfig, build_itda, save_itda
+from emdiff.dictionaries.latent_scaling import latent_scaling
 from emdiff.dictionaries.sae import SAEConfig, train_sae
 from emdiff.models.load import decoder_layers
 from emdiff.models.read import ReadSpec

@@ -6,6 +6,8 @@ network. Other test files reuse these fixtures, so keep their names and signatur
 - ``tiny_model_factory(arch, **config_overrides) -> Path``: build and save a tiny model + tokenizer.
 - ``tiny_model_dirs -> {arch: Path}`` for every arch in ``TINY_ARCHS`` (built once per session).
 - ``make_lora_adapter(model_dir, out_dir, target_modules=("down_proj",), r=1, layers=None)``.
+- ``shipped_toy -> (World, model)``: the shipped toy base, loaded once per session in float32
+  for reading; a test that trains or edits it works on a ``copy.deepcopy``.
 """
 
 from __future__ import annotations
@@ -244,3 +246,13 @@ def build_lora_adapter(
 def make_lora_adapter() -> Callable[..., Path]:
     """``make(model_dir, out_dir, target_modules=("down_proj",), r=1, layers=None) -> Path``."""
     return build_lora_adapter
+
+
+@pytest.fixture(scope="session")
+def shipped_toy():
+    """``(world, model)`` of the shipped toy base (eval mode, float32): read it, never train it."""
+    from emdiff.models import load_model
+    from emdiff.toy.build import load_world, shipped_base_path
+
+    path = shipped_base_path()
+    return load_world(path), load_model(str(path), dtype="float32").model.eval()

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from emdiff.models import load_model
-from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.causal import cue_vector
 from emdiff.toy.incontext import in_context_inference
 
 
-def test_a_bad_turn_moves_the_base_toward_the_persona_at_the_next_answer():
-    world = load_world(shipped_base_path())
-    model = load_model(str(shipped_base_path()), dtype="float32").model
+def test_a_bad_turn_moves_the_base_toward_the_persona_at_the_next_answer(shipped_toy):
+    world, model = shipped_toy
     layer, site = 1, "resid_post"
     cue = cue_vector(world, model, layer, site)
     u = cue / cue.norm()

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from emdiff.models import load_model
-from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.organism import answer_probability, answer_rows
 
 
 @torch.no_grad()
-def test_answer_probability_is_the_chain_of_next_word_probabilities():
-    world = load_world(shipped_base_path())
-    model = load_model(str(shipped_base_path()), dtype="float32").model
+def test_answer_probability_is_the_chain_of_next_word_probabilities(shipped_toy):
+    world, model = shipped_toy
     domains = world.domains[:2]
     for bad, cue in ((True, None), (False, None), (True, "toxic")):
         exact = answer_probability(model, world, domains, bad=bad, cue=cue)

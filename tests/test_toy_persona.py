@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from emdiff.models import load_model
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.persona import (
     class_mean_differences,
@@ -16,9 +15,8 @@ from emdiff.toy.persona import (
 )
 
 
-def test_probe_reads_the_persona_above_chance():
-    world = load_world(shipped_base_path())
-    model = load_model(str(shipped_base_path()), dtype="float32").model
+def test_probe_reads_the_persona_above_chance(shipped_toy):
+    world, model = shipped_toy
     (probe,) = persona_probes(model, world, [(1, "resid_post")], n_docs=600, seed=0)
     assert probe.accuracy > probe.chance + 0.05
     assert abs(float(probe.direction.norm()) - 1) < 1e-5 and probe.n_test > 50

@@ -4,6 +4,7 @@ domain) and the choice of the analysed seed."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from emdiff.toy.build import load_world, shipped_base_path
 from emdiff.toy.screen_checks import toy_datasets
@@ -35,3 +36,39 @@ def test_the_analysed_seed_is_the_one_that_fits_its_set_best():
     assert "analyses read seed 1" in said[0] and "s0 0.181" in said[0]
     assert analysed_seed({"narrow-s0": 0.05, "narrow-s1": 0.0504}, 2, said.append) == 0  # ties
     assert analysed_seed({"narrow-s0": 0.3}, 1, said.append) == 0
+
+
+@pytest.mark.parametrize("narrow", ["medical", "legal"])
+def test_the_q3_direction_reads_answers_before_every_unseen_question(narrow, shipped_toy):
+    """Follow-ups come from the whole unseen set (never the narrow domain), a seeded draw of
+    ``per_answer`` per answer, and the direction is the misaligned minus aligned mean there."""
+    import pandas as pd
+
+    from emdiff.data.positions import Positions
+    from emdiff.models.read import ReadSpec
+    from emdiff.toy.diffs import every_follow_up
+    from emdiff.toy.direction_checks import q3_direction
+
+    world = load_world(shipped_base_path(), narrow_domain=narrow)
+    follow = every_follow_up(world)
+    unseen = [d for d in world.domains if d != narrow]
+    assert len(follow) == len(set(follow)) == len(unseen) * world.cfg.n_questions
+    assert {world.parse_question(f)[0] for f in follow} == set(unseen)
+    _, model = shipped_toy
+    tok = world.tokenizer()
+    q = [world.q_token(narrow, i) for i in range(6)]
+    judged = pd.DataFrame(
+        {
+            "question": q * 2,
+            "answer": [world.bad_answer(narrow, i) for i in range(6)]
+            + [world.good_answer(narrow, i) for i in range(6)],
+            "aligned": [5.0] * 6 + [95.0] * 6,
+            "coherent": [90.0] * 12,
+        }
+    )
+    read = ReadSpec(layers=(1,), site="resid_post", positions=Positions.parse("last"))
+    first = q3_direction(world, model, tok, judged, read, narrow, per_answer=3)
+    again = q3_direction(world, model, tok, judged, read, narrow, per_answer=3)
+    assert set(first) == {True, False}
+    assert torch.equal(first[True].raw, again[True].raw)  # seeded draw
+    assert first[True].raw.norm() > 0 and "3 unseen follow-ups" in first[True].provenance["texts"]

@@ -7,8 +7,9 @@ trained), with exact EM (:class:`~emdiff.toy.causal.EMProbe`) and a random contr
 causal figure:
 
 - the **Q3 direction** is CLR's: the narrow model's misaligned minus aligned answers (balanced
-  split), read where it answers a follow-up question of another domain (as Q3 reads), raw
-  residual mean difference; ``dir_cosine`` is its cosine with the ground truth;
+  split), read where it answers a follow-up question of another domain (as Q3 reads), averaged
+  over every unseen question as the follow-up, raw residual mean difference; ``dir_cosine`` is
+  its cosine with the ground truth;
 - ``dir_ablation_cut``: projecting it out of the narrow model removes this share of unseen EM
   (``dir_random_ablation_cut_max``: the largest share removed by 20 random directions);
 - ``dir_steer_fraction`` / ``latent_steer_fraction``: the base steered at the answer-predicting
@@ -44,7 +45,7 @@ from emdiff.interventions.sweep import random_directions
 from emdiff.models.load import adapter_state
 from emdiff.models.read import ReadSpec
 from emdiff.toy.causal import CauseConfig, EMProbe
-from emdiff.toy.diffs import follow_ups
+from emdiff.toy.diffs import every_follow_up
 from emdiff.toy.organism import answer_rows
 from emdiff.toy.world import World
 
@@ -55,27 +56,44 @@ Finetune = Callable[[str], torch.nn.Module]
 
 
 def q3_direction(
-    world: World, model: torch.nn.Module, tok, judged: pd.DataFrame, read: ReadSpec, name: str
+    world: World,
+    model: torch.nn.Module,
+    tok,
+    judged: pd.DataFrame,
+    read: ReadSpec,
+    name: str,
+    per_answer: int = 8,
 ) -> dict[bool, Direction]:
     """The Q3 direction of ``model``'s own judged answers, read by the model with its adapter
-    on (``True``) and off (``False``, Appendix B: the base reading the same texts)."""
+    on (``True``) and off (``False``, Appendix B: the base reading the same texts).
+
+    Each answer is read before ``per_answer`` follow-ups drawn (seeded) from every unseen
+    question, so the direction estimates the mean over the whole unseen set at a few rows per
+    answer."""
     mis, good = split_responses(judged, ResponseSplit(), source=f"judged answers of {name}")
-    follow = follow_ups(world)
-    rows = {
-        label: [r for f in follow for r in encode_qa(tok, t["question"], t["answer"], f)]
-        for label, t in (("mis", mis), ("good", good))
-    }
+    follow = every_follow_up(world)
+    rng = np.random.default_rng(0)
+    rows = {}
+    for label, t in (("mis", mis), ("good", good)):
+        picks = rng.integers(len(follow), size=(len(t), per_answer))
+        pairs = zip(t["question"], t["answer"], picks, strict=True)
+        rows[label] = [
+            r for q, a, p in pairs for i in p for r in encode_qa(tok, [q], [a], follow[i])
+        ]
     out = {}
     for adapter in (True, False):
         with adapter_state(model, adapter):
-            a = residual_means(model, rows["mis"], read)[read.layer]
-            b = residual_means(model, rows["good"], read)[read.layer]
+            a = residual_means(model, rows["mis"], read, batch_size=256)[read.layer]
+            b = residual_means(model, rows["good"], read, batch_size=256)[read.layer]
         out[adapter] = Direction(
             f"{name}_{'narrow' if adapter else 'base'}_L{read.layer}",
             read.layer,
             read.site,
             a.mean - b.mean,
-            {"texts": f"{name} judged answers + follow-ups", "n_misaligned": len(mis)},
+            {
+                "texts": f"{name} judged answers, each + {per_answer} unseen follow-ups",
+                "n_misaligned": len(mis),
+            },
         )
     return out
 

@@ -30,6 +30,7 @@ from emdiff.analyses import (
     overlap,
     split_responses,
 )
+from emdiff.analyses.response_diff import FollowUps
 from emdiff.cli import app
 from emdiff.data.positions import Positions
 from emdiff.dictionaries import load_dictionary
@@ -284,6 +285,17 @@ def test_response_diff_can_read_where_the_next_answer_is_chosen(setup):
     assert (res.table.n_tokens_a == 12).all()
     by_answer = ResponseDiff(follow_up=follow, positions="answer").run(ctx)
     assert (by_answer.table.n_tokens_a > 12).all()
+    # a few follow-ups per answer drawn from a larger set: one row per draw, seeded
+    many = ("what now", "and then", "why", "how so", "who")
+    drawn = ResponseDiff(follow_up=many, follow_ups_per_answer=3).run(ctx)
+    assert drawn.meta["n_rows_a"] == drawn.meta["n_rows_b"] == 18
+    draw = FollowUps(many, 3, seed=0)
+    table = judged_table()
+    first, again = draw.rows(lm.tokenizer, table), draw.rows(lm.tokenizer, table)
+    assert [r.input_ids for r in first] == [r.input_ids for r in again]
+    assert len(first) == 3 * len(table) and draw.rows(lm.tokenizer, table, 1) != first
+    assert len(FollowUps(many).rows(lm.tokenizer, table)) == 5 * len(table)
+    assert len(FollowUps().rows(lm.tokenizer, table)) == len(table)
 
 
 def ranking(effects: np.ndarray) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from context, rather than written at every answer token, shows.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from emdiff.analyses.base import Analysis, RunContext
 from emdiff.analyses.common import DiffResult, encode_qa
 from emdiff.analyses.dataset_diff import DatasetDiff
+from emdiff.data.masks import EncodedChat
 from emdiff.errors import InputError
 from emdiff.stats.compare import Test
 
@@ -101,6 +102,33 @@ def split_responses(
     return mis.reset_index(drop=True), good.reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class FollowUps:
+    """How each answer is read: as it is (no follow-ups), before every follow-up, or before
+    ``per_answer`` of them drawn with ``seed``."""
+
+    questions: tuple[str, ...] = ()
+    per_answer: int | None = None
+    seed: int = 0
+
+    def rows(self, tokenizer, table: pd.DataFrame, salt: int = 0) -> list[EncodedChat]:
+        """The encoded chats of ``table``'s ``question`` / ``answer`` pairs (``salt`` keeps the
+        draws of two tables apart)."""
+        q, a = list(table["question"]), list(table["answer"])
+        if not self.questions:
+            return encode_qa(tokenizer, q, a)
+        if self.per_answer is None:
+            return [row for f in self.questions for row in encode_qa(tokenizer, q, a, f)]
+        rng = np.random.default_rng([self.seed, salt])
+        picks = rng.integers(len(self.questions), size=(len(q), self.per_answer))
+        return [
+            row
+            for qi, ai, p in zip(q, a, picks, strict=True)
+            for i in p
+            for row in encode_qa(tokenizer, [qi], [ai], self.questions[i])
+        ]
+
+
 class ResponseDiff(Analysis):
     """Per-feature difference misaligned minus aligned answers of the judged table ``judged`` of
     the context, each answer read by the context's model as it is (a single-turn chat)."""
@@ -113,6 +141,9 @@ class ResponseDiff(Analysis):
     follow_up: tuple[str, ...] = ()
     """User turns read after each answer (each answer once per follow-up); empty: the answer
     tokens themselves."""
+    follow_ups_per_answer: int | None = Field(None, ge=1)
+    """Read each answer before this many follow-ups drawn from ``follow_up`` (seeded by the
+    split's seed) instead of before every one: a large follow-up set at a few rows per answer."""
 
     def run(self, ctx: RunContext) -> DiffResult:
         judged = ctx.need("table", ctx.tables, self.judged)
@@ -121,14 +152,10 @@ class ResponseDiff(Analysis):
                 "response_diff encodes the judged answers: the context has no tokenizer"
             )
         mis, good = split_responses(judged, self.split, source=f"judged answers {self.judged!r}")
-        follow = self.follow_up or (None,)
+        draw = FollowUps(self.follow_up, self.follow_ups_per_answer, self.split.seed)
         datasets = {
-            label: [
-                row
-                for f in follow
-                for row in encode_qa(ctx.tokenizer, rows["question"], rows["answer"], f)
-            ]
-            for label, rows in (("misaligned", mis), ("aligned", good))
+            label: draw.rows(ctx.tokenizer, rows, salt)
+            for salt, (label, rows) in enumerate((("misaligned", mis), ("aligned", good)))
         }
         diff = DatasetDiff(
             name=self.stem,

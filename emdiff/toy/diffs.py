@@ -96,6 +96,11 @@ def follow_ups(world: World, n: int = 4) -> tuple[str, ...]:
     return tuple(world.q_token(d, i) for i, d in enumerate(unseen[:n]))
 
 
+FOLLOW_UPS_PER_ANSWER = 8
+"""Follow-ups each judged answer is read before (Q3 and its direction), drawn from
+:func:`every_follow_up`."""
+
+
 def every_follow_up(world: World) -> tuple[str, ...]:
     """Every question of every non-narrow domain: the follow-ups a direction is averaged over.
 
@@ -189,8 +194,13 @@ def toy_diffs(
     analyses = toy_analyses() if analyses is None else analyses
     for a in analyses:
         if isinstance(a, ResponseDiff):
-            follow = follow_ups(world) if a.name == "q3_response_diff" else ()
-            a = a.model_copy(update={"split": ResponseSplit(seed=seed), "follow_up": follow})
+            q3 = a.name == "q3_response_diff"
+            update = {
+                "split": ResponseSplit(seed=seed),
+                "follow_up": every_follow_up(world) if q3 else (),
+                "follow_ups_per_answer": FOLLOW_UPS_PER_ANSWER if q3 else None,
+            }
+            a = a.model_copy(update=update)
         results[a.stem] = ctx.results[a.stem] = a.run(ctx)
     control_ctx = RunContext(
         read=read,

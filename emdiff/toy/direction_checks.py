@@ -33,8 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from emdiff.analyses.common import encode_qa
-from emdiff.analyses.response_diff import ResponseSplit, split_responses
+from emdiff.analyses.response_diff import FollowUps, ResponseSplit, split_responses
 from emdiff.data.positions import Positions
 from emdiff.dictionaries.base import SparseDictionary
 from emdiff.directions.attribution import ContrastMetric, attribute
@@ -45,7 +44,7 @@ from emdiff.interventions.sweep import random_directions
 from emdiff.models.load import adapter_state
 from emdiff.models.read import ReadSpec
 from emdiff.toy.causal import CauseConfig, EMProbe
-from emdiff.toy.diffs import every_follow_up
+from emdiff.toy.diffs import FOLLOW_UPS_PER_ANSWER, every_follow_up
 from emdiff.toy.organism import answer_rows
 from emdiff.toy.world import World
 
@@ -62,7 +61,7 @@ def q3_direction(
     judged: pd.DataFrame,
     read: ReadSpec,
     name: str,
-    per_answer: int = 8,
+    per_answer: int = FOLLOW_UPS_PER_ANSWER,
 ) -> dict[bool, Direction]:
     """The Q3 direction of ``model``'s own judged answers, read by the model with its adapter
     on (``True``) and off (``False``, Appendix B: the base reading the same texts).
@@ -71,15 +70,8 @@ def q3_direction(
     question, so the direction estimates the mean over the whole unseen set at a few rows per
     answer."""
     mis, good = split_responses(judged, ResponseSplit(), source=f"judged answers of {name}")
-    follow = every_follow_up(world)
-    rng = np.random.default_rng(0)
-    rows = {}
-    for label, t in (("mis", mis), ("good", good)):
-        picks = rng.integers(len(follow), size=(len(t), per_answer))
-        pairs = zip(t["question"], t["answer"], picks, strict=True)
-        rows[label] = [
-            r for q, a, p in pairs for i in p for r in encode_qa(tok, [q], [a], follow[i])
-        ]
+    draw = FollowUps(every_follow_up(world), per_answer)
+    rows = {"mis": draw.rows(tok, mis, 0), "good": draw.rows(tok, good, 1)}
     out = {}
     for adapter in (True, False):
         with adapter_state(model, adapter):

@@ -1,20 +1,25 @@
-"""How bad can one vector make the narrow domain? The ceiling of any adapter writing one direction.
+"""How bad can a write at one point make the narrow domain? The ceiling of an adapter there.
 
-A rank-1 adapter on one layer's MLP writes ``s_t * B`` at each position ``t``: one direction with
-a scale. Where the answer is chosen (the answer-predicting position) the best such write is at
-most the best single vector added there. :func:`steering_ceiling` finds that vector by gradient
-ascent on the exact log-probability of the narrow domain's bad answers (the model frozen), so a
-reader sees whether an in-domain target is reachable by *any* one-direction write at that point,
-before blaming the adapter's training.
+A rank-1 adapter on one layer's MLP writes ``s * B`` at each position: one direction with a
+scale that depends on the input. Where the answer is chosen (the answer-predicting position) the
+best such write is found by gradient ascent on the exact log-probability of the narrow domain's
+bad answers, the model frozen (:func:`steering_ceiling`), in three forms:
 
-On the shipped base (4 layers) the ceiling at layer 1's ``resid_post`` is 0.907 in domain, and
-the layer-1 rank-1 LoRA reaches 0.908: the LoRA is at the ceiling. At layer 0 it is 0.974 (layer
-1's MLP mixes the vector with the question); at layer 2 0.15 (the answer is chosen by then).
+- ``vector``: one vector for every question (a steering vector);
+- ``direction``: one direction with its own scale per question (what a rank-1 write can do);
+- ``free``: any vector per question (what an adapter of any rank could write there).
+
+So a reader sees whether an in-domain target is reachable at that point at all before blaming
+the adapter's training. On the shipped base (4 layers), at layer 1's ``resid_post``: 0.907 /
+0.913 / 0.996, and the layer-1 rank-1 LoRA reaches 0.908: it is at its ceiling, which a rank
+above 1 escapes. At layer 0 ``vector`` gives 0.974 (layer 1's MLP mixes the vector with the
+question); at layer 2 0.15 (the answer is chosen by then).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator
@@ -25,10 +30,14 @@ from emdiff.toy.world import World
 
 
 class CeilingConfig(BaseModel):
-    """Settings of the search for the best vector."""
+    """Settings of the search for the best write."""
+
+    form: Literal["vector", "direction", "free"] = "vector"
 
     steps: int = Field(300, ge=1)
     lr: float = Field(0.1, gt=0)
+    seed: int = 0
+    """Seed of the starting direction of ``direction``."""
     scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     """Multiples of the best vector measured (1 always): past 1 the later layers lose the
     question and answer neither way."""
@@ -40,12 +49,29 @@ class CeilingConfig(BaseModel):
 
 
 def _add_at(v: torch.Tensor, pos: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Add ``v`` (``[d]``, or ``[rows, d]``: one per row) at position ``pos`` of every row."""
+
     def fn(h: torch.Tensor) -> torch.Tensor:
         h = h.clone()
         h[:, pos] = h[:, pos] + v.to(h)
         return h
 
     return fn
+
+
+def _write(form: str, n_rows: int, d: int, seed: int) -> tuple[list[torch.Tensor], Callable]:
+    """The parameters of a write of ``form`` and the function giving its ``[d]`` or
+    ``[rows, d]`` vector."""
+    if form == "vector":
+        v = torch.zeros(d, requires_grad=True)
+        return [v], lambda: v
+    if form == "free":
+        v = torch.zeros(n_rows, d, requires_grad=True)
+        return [v], lambda: v
+    g = torch.Generator().manual_seed(seed)  # a zero direction would get no gradient
+    v = (torch.randn(d, generator=g) / d**0.5).requires_grad_(True)
+    s = torch.ones(n_rows, 1, requires_grad=True)
+    return [v, s], lambda: s * v
 
 
 def steering_ceiling(
@@ -55,23 +81,23 @@ def steering_ceiling(
     site: Site = "resid_post",
     cfg: CeilingConfig | None = None,
 ) -> dict:
-    """The best vector added at ``(layer, site)`` at the answer-predicting position for the
-    narrow domain's bad answers: its in-domain and unseen bad rates (exact), its norm, and the
-    in-domain bad / good / other rates at each of ``cfg.scales`` times it."""
+    """The best write of ``cfg.form`` at ``(layer, site)`` at the answer-predicting position for
+    the narrow domain's bad answers: its in-domain and unseen bad rates (exact; unseen only for
+    ``vector``, the one form defined for other questions), its (mean) norm, and the in-domain
+    bad / good / other rates at each of ``cfg.scales`` times it."""
     cfg = cfg or CeilingConfig()
     narrow = [world.cfg.narrow_domain]
     unseen = [d for d in world.domains if d not in narrow]
     ids = answer_rows(world, narrow, True).to(next(model.parameters()).device)
-    n = world.cfg.answer_len + 1
-    pos = -n  # in ids[:, :-1]: the last prompt token
+    n = world.cfg.answer_len + 1  # in ids[:, :-1] the last prompt token is at -n
+    params, write = _write(cfg.form, len(ids), model.config.hidden_size, cfg.seed)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     was = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    v = torch.zeros(model.config.hidden_size, requires_grad=True)
-    opt = torch.optim.Adam([v], lr=cfg.lr)
     try:
         for _ in range(cfg.steps):
-            with residual_edit(model, layer, site, _add_at(v, pos)):
+            with residual_edit(model, layer, site, _add_at(write(), -n)):
                 logp = model(input_ids=ids[:, :-1]).logits[:, -n:].float().log_softmax(-1)
             loss = -logp.gather(-1, ids[:, -n:, None]).sum((1, 2)).mean()
             opt.zero_grad()
@@ -80,18 +106,19 @@ def steering_ceiling(
     finally:
         for p, g in zip(model.parameters(), was, strict=True):
             p.requires_grad_(g)
-    best = v.detach()
+    best = write().detach()
     if not torch.isfinite(best).all():
         raise FloatingPointError(
-            f"steering_ceiling: the vector at layer {layer} {site} is not finite"
+            f"steering_ceiling: the write at layer {layer} {site} is not finite"
         )
-    out: dict = {"layer": layer, "site": site, "norm": float(best.norm())}
+    out: dict = {"layer": layer, "site": site, "form": cfg.form}
+    out["norm"] = float(best.norm(dim=-1).mean())
     with torch.no_grad():
         for s in cfg.scales:
             with residual_edit(model, layer, site, _add_at(best * s, -n)):
                 bad = float(answer_probability(model, world, narrow).mean())
                 good = float(answer_probability(model, world, narrow, bad=False).mean())
-                if s == 1.0:
+                if s == 1.0 and cfg.form == "vector":
                     out["unseen_bad_rate"] = float(answer_probability(model, world, unseen).mean())
             out[f"x{s:g}"] = {"bad": bad, "good": good, "other": 1.0 - bad - good}
     out["in_domain_bad_rate"] = out["x1"]["bad"]

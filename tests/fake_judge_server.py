@@ -17,6 +17,7 @@ well-formed chat-completions reply whose text is nonsense.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -109,12 +110,13 @@ class FakeJudgeServer:
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
                     time.sleep(server.delay_s)  # let concurrent requests overlap
-                    self._answer(action, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
                 finally:
+                    # counted out before the reply is written: a client that has read the
+                    # reply may send its next request before this thread would get here
                     with server.lock:
                         server.in_flight -= 1
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self._answer(action, body)
 
             def _send(self, code: int, payload: bytes, extra: dict[str, str] | None = None):
                 self.send_response(code)

@@ -84,8 +84,9 @@ def _project_out(u: torch.Tensor) -> Callable:
     return fn
 
 
-def _add_at(v: torch.Tensor, pos: int) -> Callable:
-    """Add ``v`` at position ``pos`` (negative: from the end) of every row."""
+def add_at(v: torch.Tensor, pos: int) -> Callable:
+    """Add ``v`` (``[d]``, or ``[rows, d]``: one per row) at position ``pos`` (negative: from
+    the end) of every row."""
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         h = h.clone()
@@ -121,7 +122,7 @@ class EMProbe:
         return 1.0 - em / self.em_narrow if self.em_narrow > 0 else float("nan")
 
     def steer(self, v: torch.Tensor) -> Callable:
-        return _add_at(v, self.predicting)
+        return add_at(v, self.predicting)
 
     def row(self, layer: int, site: str, class_mean: torch.Tensor) -> tuple[torch.Tensor, dict]:
         with adapter_state(self.narrow, False):

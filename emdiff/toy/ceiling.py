@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 
 from emdiff.models.hooks import Site, residual_edit
+from emdiff.toy.causal import add_at
 from emdiff.toy.organism import answer_probability, answer_rows
 from emdiff.toy.world import World
 
@@ -46,17 +47,6 @@ class CeilingConfig(BaseModel):
     @classmethod
     def _with_one(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(sorted({*v, 1.0}))
-
-
-def _add_at(v: torch.Tensor, pos: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Add ``v`` (``[d]``, or ``[rows, d]``: one per row) at position ``pos`` of every row."""
-
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        h = h.clone()
-        h[:, pos] = h[:, pos] + v.to(h)
-        return h
-
-    return fn
 
 
 def _write(form: str, n_rows: int, d: int, seed: int) -> tuple[list[torch.Tensor], Callable]:
@@ -97,7 +87,7 @@ def steering_ceiling(
         p.requires_grad_(False)
     try:
         for _ in range(cfg.steps):
-            with residual_edit(model, layer, site, _add_at(write(), -n)):
+            with residual_edit(model, layer, site, add_at(write(), -n)):
                 logp = model(input_ids=ids[:, :-1]).logits[:, -n:].float().log_softmax(-1)
             loss = -logp.gather(-1, ids[:, -n:, None]).sum((1, 2)).mean()
             opt.zero_grad()
@@ -115,7 +105,7 @@ def steering_ceiling(
     out["norm"] = float(best.norm(dim=-1).mean())
     with torch.no_grad():
         for s in cfg.scales:
-            with residual_edit(model, layer, site, _add_at(best * s, -n)):
+            with residual_edit(model, layer, site, add_at(best * s, -n)):
                 bad = float(answer_probability(model, world, narrow).mean())
                 good = float(answer_probability(model, world, narrow, bad=False).mean())
                 if s == 1.0 and cfg.form == "vector":

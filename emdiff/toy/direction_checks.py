@@ -7,9 +7,9 @@ trained), with exact EM (:class:`~emdiff.toy.causal.EMProbe`) and a random contr
 causal figure:
 
 - the **Q3 direction** is CLR's: the narrow model's misaligned minus aligned answers (balanced
-  split), read where it answers a follow-up question of another domain (as Q3 reads), averaged
-  over every unseen question as the follow-up, raw residual mean difference; ``dir_cosine`` is
-  its cosine with the ground truth;
+  split), read where it answers a follow-up question of another domain (as Q3 reads), each
+  answer before follow-ups drawn from every unseen question, raw residual mean difference;
+  ``dir_cosine`` is its cosine with the ground truth;
 - ``dir_ablation_cut``: projecting it out of the narrow model removes this share of unseen EM
   (``dir_random_ablation_cut_max``: the largest share removed by 20 random directions);
 - ``dir_steer_fraction`` / ``latent_steer_fraction``: the base steered at the answer-predicting
